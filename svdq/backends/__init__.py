@@ -1,0 +1,98 @@
+"""Backend registry: one place that picks how an SVDQLinear runs.
+
+A backend has a `name`, `available(device) -> (bool, reason)`, `prepare(layer)` (derive its own
+layout from the layer's storage-layout buffers, once) and `forward(layer, prepared, x2d)`.
+`select("auto", device)` prefers a compiled backend that supports the device and falls back to
+the reference path with one warning that says why. The user can force a backend by name, or
+with the environment variable SVDQ_BACKEND.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .reference import ReferenceBackend  # noqa: E402
+
+log = logging.getLogger("svdq")
+
+# name -> zero-argument factory; factories import their module lazily so that a missing
+# compiler or CUDA never breaks `import svdq`.
+_FACTORIES = {
+    "reference": lambda: ReferenceBackend(act_bits=8),
+    "reference-a4": lambda: ReferenceBackend(act_bits=4),
+}
+_INSTANCES: dict = {}
+_AUTO_ORDER = ["cuda"]          # compiled backends tried by "auto", best first
+_default = None
+_warned: set = set()
+
+
+def register(name: str, factory, auto: bool = False) -> None:
+    _FACTORIES[name] = factory
+    if auto and name not in _AUTO_ORDER:
+        _AUTO_ORDER.insert(0, name)
+
+
+def names() -> list:
+    return sorted(set(_FACTORIES) | set(_AUTO_ORDER) | {"auto"})
+
+
+def get(name: str):
+    if name == "auto":
+        return select("auto")
+    if name not in _INSTANCES:
+        if name not in _FACTORIES:
+            raise ValueError(f"unknown SVDQuant backend {name!r}; choose one of {names()}")
+        _INSTANCES[name] = _FACTORIES[name]()
+    return _INSTANCES[name]
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
+
+
+def select(name: str | None = "auto", device=None):
+    """Return the backend to use on `device` ("auto" unless SVDQ_BACKEND or `name` says)."""
+    name = os.environ.get("SVDQ_BACKEND") or name or "auto"
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if name != "auto":
+        backend = get(name)
+        ok, why = backend.available(device)
+        if not ok:
+            raise RuntimeError(f"SVDQuant backend {name!r} cannot run on {device}: {why}")
+        return backend
+    reasons = []
+    for cand in _AUTO_ORDER:
+        try:
+            backend = get(cand)
+            ok, why = backend.available(device)
+        except Exception as e:  # a broken build must not stop the reference path
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if ok:
+            return backend
+        reasons.append(f"{cand}: {why}")
+    if device.type == "cuda":
+        _warn_once("SVDQuant: no fused kernel for this GPU, using the slow PyTorch reference "
+                   "path (" + "; ".join(reasons) + ")")
+    return get("reference")
+
+
+def default():
+    """The process-wide default backend (auto-selected once, on first use)."""
+    global _default
+    if _default is None:
+        _default = select("auto")
+    return _default
+
+
+def set_default(name_or_backend) -> None:
+    global _default
+    _default = get(name_or_backend) if isinstance(name_or_backend, str) else name_or_backend
+
+
+register("cuda", lambda: __import__("svdq.backends.cuda", fromlist=["CudaBackend"]).CudaBackend())

@@ -1,0 +1,29 @@
+"""Test setup: make `svdq` importable without putting the repository root on sys.path.
+
+The root also holds our `nodes/` package, which would shadow ComfyUI's own top-level `nodes`
+module (DESIGN.md). So only `svdq` is exposed, through a link in a private folder.
+"""
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LINKS = tempfile.mkdtemp(prefix="svdq-path-")
+os.symlink(os.path.join(ROOT, "svdq"), os.path.join(_LINKS, "svdq"))
+sys.path.insert(0, _LINKS)
+
+
+@pytest.fixture
+def gen():
+    """A fresh generator per test, seeded from the test's name: new data, reproducible runs."""
+    import zlib
+    seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode())
+    return torch.Generator().manual_seed(seed)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
