@@ -27,7 +27,7 @@ class QuantConfig:
     smooth: bool = True
     smooth_grid: int = 10         # alphas k/grid for k = 1..grid-1, in both grid families
     refine_iters: int = 10        # max low-rank refinement steps (stops at first non-improvement)
-    gelu_shift: bool = False      # unsigned int4 inputs for post-GELU layers (see docs/results.md)
+    gelu_shift: bool = True       # unsigned int4 inputs for post-GELU layers (docs/results.md)
     dtype: torch.dtype = torch.bfloat16         # 16-bit storage of smooth, branch, bias
     scale_dtype: torch.dtype = torch.bfloat16   # storage of the weight group scales
 
@@ -172,18 +172,22 @@ def search_shared_smoothing(weights: list, x: torch.Tensor | None, cfg: QuantCon
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, calib_inputs,
-                    rank: int = 32, act_bits: int = 4, **options):
+                    rank: int = 32, act_bits: int = 4, input_follows_gelu: bool = False,
+                    **options):
     """Public entry point: SVDQuant one nn.Linear weight and return a runnable SVDQLinear.
 
     calib_inputs: Tensor [..., K] of inputs the layer sees (or None for weight-error only).
+    input_follows_gelu: the inputs are GELU outputs (>= -0.17), so the int4 path may quantize
+    them unsigned after a shift (QuantConfig.gelu_shift).
     options: any QuantConfig field (smooth, smooth_grid, refine_iters, gelu_shift, dtype, ...).
     """
     from .linear import SVDQLinear
     cfg = QuantConfig(rank=rank, act_bits=act_bits, **options)
     x = None if calib_inputs is None else calib_inputs.reshape(-1, weight.shape[1])
-    res = svdquant_weight(weight, x, cfg, unsigned=options.get("gelu_shift", False))
+    unsigned = input_follows_gelu and cfg.gelu_shift
+    res = svdquant_weight(weight, x, cfg, unsigned=unsigned)
     layer = SVDQLinear.from_tensors(layer_tensors(res, bias, cfg), kind="w4a4",
-                                    act_unsigned=cfg.gelu_shift)
+                                    act_unsigned=unsigned)
     layer.quant_error = res["error"]
     layer.quant_trace = res["trace"]
     return layer

@@ -1,0 +1,191 @@
+"""JIT build of the CUDA extension (csrc/), cached per source hash, GPU arch, torch and CUDA.
+
+    python -m svdq.build          # prebuild for the current GPU (install.py calls this)
+
+The build runs through torch.utils.cpp_extension.load with ninja, for the current GPU's
+architecture only. The result lives in $SVDQ_CACHE_DIR (default ~/.cache/svdquant) under a key
+made of the sources' hash, the arch, the torch version and the CUDA version, so that any change
+of these builds afresh and nothing stale is ever loaded. A file lock keeps two processes (two
+ComfyUI instances, say) from building at once; the second waits and then loads the first one's
+result. A finished build is imported directly, without invoking ninja again.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("svdq")
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+SOURCES = ("w4a8.cu", "binding.cpp")
+_module = None
+_error: str | None = None
+
+
+class BuildError(RuntimeError):
+    """The extension cannot be built or loaded here; the message says why and how to fix it."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SVDQ_CACHE_DIR") or Path.home() / ".cache" / "svdquant")
+
+
+def _pip_nvcc_home() -> str | None:
+    """CUDA_HOME-like folder of the pip package nvidia-cuda-nvcc (nvidia/cuda_nvcc/bin/nvcc)."""
+    try:
+        import nvidia  # namespace package shared by NVIDIA's pip wheels
+    except ImportError:
+        return None
+    for base in getattr(nvidia, "__path__", []):
+        home = Path(base) / "cuda_nvcc"
+        if (home / "bin" / "nvcc").exists():
+            return str(home)
+    return None
+
+
+def _find_cuda_home() -> str:
+    from torch.utils import cpp_extension
+    home = cpp_extension.CUDA_HOME
+    if home and Path(home, "bin", "nvcc").exists():
+        return home
+    pip_home = _pip_nvcc_home()
+    if pip_home:
+        # headers of the runtime come from the other nvidia-* wheels torch already depends on
+        incs = [p for p in glob.glob(str(Path(pip_home).parent / "*" / "include"))]
+        os.environ["CUDA_HOME"] = pip_home
+        os.environ["CPATH"] = os.pathsep.join(incs + [os.environ.get("CPATH", "")]).strip(os.pathsep)
+        cpp_extension.CUDA_HOME = pip_home
+        log.info("SVDQuant: using nvcc from the pip package nvidia-cuda-nvcc (%s)", pip_home)
+        return pip_home
+    raise BuildError(
+        "no CUDA compiler (nvcc) found. Install the CUDA toolkit matching torch "
+        f"(CUDA {_torch_cuda()}) and set CUDA_HOME, or `pip install nvidia-cuda-nvcc-cu"
+        f"{(_torch_cuda() or '12').split('.')[0]}`")
+
+
+def _torch_cuda() -> str | None:
+    import torch
+    return torch.version.cuda
+
+
+def build_key(device=None) -> tuple[str, str]:
+    """(key, arch) for the current GPU: source hash + arch + torch + CUDA versions."""
+    import torch
+    if not torch.cuda.is_available():
+        raise BuildError("CUDA is not available in this torch build or on this machine")
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"{major}{minor}"
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    tv = torch.__version__.replace("+", "_")
+    key = f"{h.hexdigest()[:16]}-sm{arch}-torch{tv}-cu{torch.version.cuda}"
+    return key, arch
+
+
+def _import_built(path: Path, name: str):
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def load(verbose: bool = False):
+    """Return the compiled extension module, building it once if needed. Raises BuildError."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        raise BuildError(_error)
+    try:
+        _module = _load(verbose)
+        return _module
+    except BuildError as e:
+        _error = str(e)
+        raise
+    except Exception as e:  # compiler errors etc.: one clear line, the log has the rest
+        _error = (f"building the SVDQuant CUDA extension failed ({type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                  f"rerun `python -m svdq.build --verbose` to see the compiler output")
+        raise BuildError(_error) from e
+
+
+def _load(verbose: bool):
+    import torch  # noqa: F401
+    from filelock import FileLock
+    key, arch = build_key()
+    name = "svdq_ext_" + key.split("-")[0]
+    bdir = cache_root() / key
+    so = bdir / f"{name}.so"
+    t0 = time.perf_counter()
+    if so.exists():
+        mod = _import_built(so, name)
+        log.info("SVDQuant: loaded cached CUDA extension %s (%.2f s)", bdir, time.perf_counter() - t0)
+        return mod
+    bdir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(bdir) + ".lock"):
+        if so.exists():  # another process built it while we waited
+            mod = _import_built(so, name)
+            log.info("SVDQuant: loaded CUDA extension built by another process (%s, waited %.1f s)",
+                     bdir, time.perf_counter() - t0)
+            return mod
+        _find_cuda_home()
+        from torch.utils import cpp_extension
+        try:
+            cpp_extension.verify_ninja_availability()
+        except RuntimeError as e:
+            raise BuildError("ninja is required to build the CUDA extension: `pip install ninja`") from e
+        log.warning("SVDQuant: building the CUDA extension for sm_%s in %s (first use only; "
+                    "about a minute)", arch, bdir)
+        old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"   # this GPU only
+        try:
+            mod = cpp_extension.load(
+                name=name, sources=[str(CSRC / s) for s in SOURCES], build_directory=str(bdir),
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                verbose=verbose)
+        finally:
+            if old is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = old
+        dt = time.perf_counter() - t0
+        log.warning("SVDQuant: built the CUDA extension in %.1f s", dt)
+        (bdir / "build_seconds.txt").write_text(f"{dt:.1f}\n")
+        return mod
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description="Prebuild the SVDQuant CUDA extension.")
+    p.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    p.add_argument("--clean", action="store_true", help="delete this key's cached build first")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.clean:
+            key, _ = build_key()
+            shutil.rmtree(cache_root() / key, ignore_errors=True)
+        t0 = time.perf_counter()
+        load(verbose=args.verbose)
+        print(f"SVDQuant CUDA extension ready ({time.perf_counter() - t0:.1f} s): "
+              f"{cache_root() / build_key()[0]}")
+        return 0
+    except BuildError as e:
+        print(f"SVDQuant CUDA extension unavailable: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
