@@ -64,11 +64,21 @@ def _fake_act(xs: torch.Tensor, bits: int, unsigned: bool, shift):
     return quant.fake_quantize_act(xs, bits)
 
 
+def inputs_from_absmax(absmax: torch.Tensor, tokens: int = 256) -> torch.Tensor:
+    """Stand-in calibration inputs when only per-channel absmax statistics are known: Gaussian
+    rows whose channel j has standard deviation absmax_j / 3 (fixed seed, so reproducible)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(tokens, absmax.numel(), generator=g).to(absmax.device) * \
+        (absmax.float() / 3)
+
+
 class _Problem:
     """A weight (or stacked weights) with its calibration inputs and reference output."""
 
     def __init__(self, w: torch.Tensor, x: torch.Tensor | None, cfg: QuantConfig,
                  unsigned: bool):
+        if x is not None and x.dim() == 1:
+            x = inputs_from_absmax(x)
         self.w, self.x, self.cfg = w.float(), None if x is None else x.float(), cfg
         self.unsigned = unsigned and cfg.gelu_shift and cfg.act_bits == 4
         if self.x is not None:
@@ -176,14 +186,17 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, calib_input
                     **options):
     """Public entry point: SVDQuant one nn.Linear weight and return a runnable SVDQLinear.
 
-    calib_inputs: Tensor [..., K] of inputs the layer sees (or None for weight-error only).
+    calib_inputs: Tensor [..., K] of inputs the layer sees; or a 1-D Tensor [K] of their
+    per-channel absmax statistics (inputs_from_absmax); or None (weight error only).
     input_follows_gelu: the inputs are GELU outputs (>= -0.17), so the int4 path may quantize
     them unsigned after a shift (QuantConfig.gelu_shift).
     options: any QuantConfig field (smooth, smooth_grid, refine_iters, gelu_shift, dtype, ...).
     """
     from .linear import SVDQLinear
     cfg = QuantConfig(rank=rank, act_bits=act_bits, **options)
-    x = None if calib_inputs is None else calib_inputs.reshape(-1, weight.shape[1])
+    x = calib_inputs
+    if x is not None and x.dim() > 1:
+        x = x.reshape(-1, weight.shape[1])
     unsigned = input_follows_gelu and cfg.gelu_shift
     res = svdquant_weight(weight, x, cfg, unsigned=unsigned)
     layer = SVDQLinear.from_tensors(layer_tensors(res, bias, cfg), kind="w4a4",

@@ -127,3 +127,14 @@ def test_shared_smoothing_group(gen):
     r1 = svdquant_weight(w1, x, QuantConfig(rank=16), lam=lam)
     r2 = svdquant_weight(w2, x, QuantConfig(rank=16), lam=lam)
     assert torch.equal(r1["smooth"], r2["smooth"])
+
+
+def test_per_channel_statistics_instead_of_inputs(gen):
+    w, b, draw = outlier_layer(gen, 512, 256)
+    calib, test_x = draw(512), draw(101)
+    stats = calib.abs().amax(0)
+    naive = svdq.quantize_linear(w, b, None, rank=0, smooth=False, dtype=torch.float32)
+    from_stats = svdq.quantize_linear(w, b, stats, rank=32, dtype=torch.float32)
+    e_naive = layer_error(naive, test_x, w, b, "reference-a4")
+    e_stats = layer_error(from_stats, test_x, w, b, "reference-a4")
+    assert e_stats * 2 < e_naive
