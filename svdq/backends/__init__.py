@@ -8,6 +8,7 @@ with the environment variable SVDQ_BACKEND.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -95,4 +96,9 @@ def set_default(name_or_backend) -> None:
     _default = get(name_or_backend) if isinstance(name_or_backend, str) else name_or_backend
 
 
-register("cuda", lambda: __import__("svdq.backends.cuda", fromlist=["CudaBackend"]).CudaBackend())
+def _cuda():
+    # relative: inside ComfyUI this package is custom_nodes.<pack>.svdq, not a top-level svdq
+    return importlib.import_module(".cuda", __name__).CudaBackend()
+
+
+register("cuda", _cuda)
