@@ -2,7 +2,7 @@
 
 Works on any nn.Module whose submodules carry FLUX's ComfyUI names (ComfyUI's own Flux or
 svdq.flux_model.FluxModel). It keeps a random subsample of token rows per layer on the CPU,
-so a FLUX-size calibration stays within a few GB of host memory.
+in bf16: about 2.4 GB for FLUX.1 at the default 1024 rows per layer.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class ActivationRecorder:
             take = min(self.rows_per_call, x.shape[0], self.max_rows - have)
             if take > 0:
                 idx = torch.randperm(x.shape[0], generator=self.gen)[:take].to(x.device)
-                self.samples[name].append(x.index_select(0, idx).float().cpu())
+                self.samples[name].append(x.index_select(0, idx).to(torch.bfloat16).cpu())
         return hook
 
     def __enter__(self):
@@ -45,5 +45,5 @@ class ActivationRecorder:
         self._handles = []
 
     def result(self) -> dict:
-        """layer name -> Tensor [T, K] (float32, CPU) of the recorded input rows."""
+        """layer name -> Tensor [T, K] (bf16, CPU) of the recorded input rows."""
         return {n: torch.cat(s) for n, s in self.samples.items() if s}

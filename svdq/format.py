@@ -115,9 +115,9 @@ def _json_meta(path, meta, key):
                               f"file is damaged, quantize it again") from None
 
 
-def inspect_checkpoint(path):
+def inspect_checkpoint(path, header: dict | None = None):
     """Validate the header only: (FluxConfig, quant dict, layers dict). Cheap; for listings."""
-    header = read_header(path)
+    header = read_header(path) if header is None else header
     meta = header.get("__metadata__") or {}
     fmt = meta.get("format")
     if fmt != FORMAT_NAME:
@@ -178,8 +178,8 @@ _DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32
 def load_checkpoint(path, device="cpu") -> Checkpoint:
     """Read and validate a v1 checkpoint; raises CheckpointError naming the file and the fix."""
     path = os.fspath(path)
-    config, quant, layers = inspect_checkpoint(path)
     header = read_header(path)
+    config, quant, layers = inspect_checkpoint(path, header)
     expected = _expected_tensors(config, layers, header)
     for name, (shape, rule) in expected.items():
         entry = header.get(name)
