@@ -199,7 +199,7 @@ class FluxModel(nn.Module):
         """x [B, C, H, W] latent; timestep [B] in [0, 1]; context [B, T, C_ctx]; y [B, vec]."""
         cfg, p = self.cfg, self.cfg.patch_size
         b, c, hh, ww = x.shape
-        x = F.pad(x, (0, (-ww) % p, 0, (-hh) % p))
+        x = F.pad(x, (0, (-ww) % p, 0, (-hh) % p), mode="circular")   # as ComfyUI pads
         gh, gw = x.shape[2] // p, x.shape[3] // p
         img = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)
         dt = self.img_in.weight.dtype if not isinstance(self.img_in, SVDQLinear) else x.dtype
