@@ -40,23 +40,32 @@ def cache_root() -> Path:
 
 
 def _pip_nvcc_home() -> str | None:
-    """CUDA_HOME-like folder of the pip package nvidia-cuda-nvcc (nvidia/cuda_nvcc/bin/nvcc)."""
+    """CUDA_HOME-like folder of the pip package nvidia-cuda-nvcc: nvidia/cuda_nvcc/bin/nvcc
+    (CUDA 12 wheels) or nvidia/cu13/bin/nvcc (CUDA 13 wheels)."""
     try:
         import nvidia  # namespace package shared by NVIDIA's pip wheels
     except ImportError:
         return None
     for base in getattr(nvidia, "__path__", []):
-        home = Path(base) / "cuda_nvcc"
-        if (home / "bin" / "nvcc").exists():
-            return str(home)
+        for sub in ("cu13", "cuda_nvcc"):
+            home = Path(base) / sub
+            if (home / "bin" / "nvcc").exists():
+                return str(home)
     return None
 
 
 def _find_cuda_home() -> str:
+    """A CUDA toolkit with both nvcc and the runtime headers; tells torch's builder about it."""
     from torch.utils import cpp_extension
-    home = cpp_extension.CUDA_HOME
-    if home and Path(home, "bin", "nvcc").exists():
-        return home
+    cands = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in cands:
+        if home and Path(home, "bin", "nvcc").exists() and \
+                Path(home, "include", "cuda_runtime_api.h").exists():
+            if home != cpp_extension.CUDA_HOME:
+                cpp_extension.CUDA_HOME = home
+                os.environ["CUDA_HOME"] = home
+            return home
     pip_home = _pip_nvcc_home()
     if pip_home:
         # headers of the runtime come from the other nvidia-* wheels torch already depends on

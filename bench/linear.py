@@ -1,0 +1,146 @@
+"""One linear layer at FLUX shapes: cuBLAS bf16, fp8 _scaled_mm with dynamic activation
+quantization, and our fused W4A8 layer (activation kernel included) at rank 0 and rank 32.
+
+    python bench/linear.py [--m 1024 4608 8192] [--json out.json]
+
+Median of triton.testing.do_bench (CUDA events) after warm-up, random data, all in one run, so
+the ratios compare like with like. TFLOP/s counts 2*M*N*K for every method (the branch's extra
+2*M*R*(K+N) is not counted as useful work).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)          # svdq only; the bench never imports the ComfyUI nodes
+
+SHAPES = [("qkv", 3072, 9216), ("proj", 3072, 3072), ("mlp_fc1", 3072, 12288),
+          ("mlp_fc2", 12288, 3072), ("single_in", 3072, 21504), ("single_out", 15360, 3072)]
+
+
+def bench(fn):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def make_layer(k, n, rank, dtype=torch.bfloat16):
+    from svdq import quant
+    from svdq.linear import SVDQLinear
+    layer = SVDQLinear(k, n, rank=rank, bias=True, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        codes = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8)
+        layer.qweight.copy_(quant.pack_int4(codes))
+        del codes
+        layer.wscales.copy_((torch.randn(n, k // 64, device="cuda") * 0.5).exp() * 0.01)
+        layer.smooth.copy_((torch.randn(k, device="cuda") * 0.5).exp())
+        if rank:
+            layer.lowrank_down.normal_(0, k ** -0.5)
+            layer.lowrank_up.normal_(0, 0.1)
+        layer.bias.normal_(0, 0.1)
+    layer.invalidate()
+    return layer
+
+
+def layer_bytes(layer, prep):
+    """GPU bytes the layer holds, split into what the kernels read and the scales kept for the
+    checkpoint/reference (wscales)."""
+    t = [layer.qweight, layer.smooth, layer.lowrank_down, layer.lowrank_up, layer.bias,
+         prep["multT"], prep["row_scale"], prep["inv_smooth"], prep["rank_scale"]]
+    t += [v for v in prep["down"].values() if v.data_ptr() != layer.lowrank_down.data_ptr()]
+    t += [v for v in prep["up"].values() if v.data_ptr() != layer.lowrank_up.data_ptr()]
+    kern = sum(x.numel() * x.element_size() for x in t if x is not None)
+    return kern, layer.wscales.numel() * layer.wscales.element_size()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--m", type=int, nargs="+", default=[1024, 4608, 8192])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from svdq import build
+    from svdq.backends.cuda import CudaBackend
+    t0 = time.perf_counter()
+    build.load()
+    print(f"extension load: {time.perf_counter() - t0:.2f} s; {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}")
+    be = CudaBackend()
+    torch.manual_seed(0)
+    rows, mem = [], []
+    for name, k, n in SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+        w8 = w.to(torch.float8_e4m3fn)
+        wscale = torch.ones((), device="cuda")
+        layers = {r: make_layer(k, n, r) for r in (0, 32)}
+        preps = {r: be.prepare(layers[r]) for r in (0, 32)}
+        kb, sb = layer_bytes(layers[32], preps[32])
+        mem.append((name, k, n, kb / (n * k), (kb + sb) / (n * k)))
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+            def fp8():
+                s = (x.abs().amax().float() / 448.0).clamp_min(1e-12)
+                xq = (x / s).to(torch.float8_e4m3fn)
+                return torch._scaled_mm(xq, w8.t(), scale_a=s, scale_b=wscale,
+                                        out_dtype=torch.bfloat16)
+
+            t = {"bf16": bench(lambda: torch.nn.functional.linear(x, w)), "fp8": bench(fp8)}
+            for r in (0, 32):
+                t[f"r{r}"] = bench(lambda r=r: be.run(layers[r], preps[r], x))
+            # parts of the rank-32 layer, to see where the time goes
+            ext = build.load()
+            pr = preps[32]
+            codes = torch.empty(m, k, dtype=torch.int8, device="cuda")
+            sx = torch.empty(m, device="cuda")
+            sq = torch.empty(m, dtype=torch.int32, device="cuda")
+            act = torch.empty(m, 32, dtype=torch.bfloat16, device="cuda")
+            down, up = pr["down"][torch.bfloat16], pr["up"][torch.bfloat16]
+            y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            t["act32"] = bench(lambda: ext.act_quant(x, pr["inv_smooth"], down, pr["rank_scale"],
+                                                     codes, sx, sq, act))
+            ext.act_quant(x, pr["inv_smooth"], down, pr["rank_scale"], codes, sx, sq, act)
+            t["gemm32"] = bench(lambda: ext.gemm(codes, sx, sq, layers[32].qweight, pr["multT"],
+                                                 pr["row_scale"], act, up, layers[32].bias, y))
+            flop = 2.0 * m * n * k
+            rows.append(dict(name=name, m=m, k=k, n=n, flop=flop, **t))
+            r = rows[-1]
+            print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
+                f"{key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF" for key in
+                ("bf16", "fp8", "r0", "r32", "act32", "gemm32")), flush=True)
+        del w, w8, layers, preps
+        torch.cuda.empty_cache()
+
+    print("\n## Bytes per weight (rank 32; kernel-read tensors / plus the checkpoint's wscales)")
+    for name, k, n, b1, b2 in mem:
+        print(f"{name:10s} {k:5d}->{n:5d}  {b1:.4f} B/weight  ({b2:.4f} with wscales)")
+
+    print("\n## Summary: median ms, TFLOP/s (2MNK), speed vs cuBLAS bf16")
+    hdr = "| M | layer | K->N | bf16 ms | TF/s | fp8+q ms | x bf16 | ours r0 ms | TF/s | x bf16 | ours r32 ms | TF/s | x bf16 | r32/r0 | act r32 ms | gemm r32 ms |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in rows:
+        f = r["flop"] / 1e9
+        print(f"| {r['m']} | {r['name']} | {r['k']}->{r['n']} | {r['bf16']:.3f} | {f / r['bf16']:.0f} | "
+              f"{r['fp8']:.3f} | {r['bf16'] / r['fp8']:.2f} | {r['r0']:.3f} | {f / r['r0']:.0f} | "
+              f"{r['bf16'] / r['r0']:.2f} | {r['r32']:.3f} | {f / r['r32']:.0f} | "
+              f"{r['bf16'] / r['r32']:.2f} | {r['r32'] / r['r0']:.3f} | {r['act32']:.3f} | "
+              f"{r['gemm32']:.3f} |")
+    for m in args.m:
+        sel = [r for r in rows if r["m"] == m]
+        gm = lambda key: math.exp(sum(math.log(r["bf16"] / r[key]) for r in sel) / len(sel))
+        print(f"geomean x bf16 at M={m}: fp8+q {gm('fp8'):.2f}  ours r0 {gm('r0'):.2f}  "
+              f"ours r32 {gm('r32'):.2f}  (gemm alone r32 {gm('gemm32'):.2f})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": rows, "mem": mem}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+// Thin pybind11 binding for csrc/w4a8.cu: checks tensors, then calls the plain launchers.
+// All shape rules live here (and in docs/kernels.md); the kernels trust them.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+
+int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smooth, const void* down,
+                  const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq, void* act,
+                  cudaStream_t stream);
+int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
+                   const int8_t* multT, const float* row_scale, const void* act, const void* up,
+                   int R, const void* bias, void* y, int M, int N, int K, bool fp16,
+                   cudaStream_t stream);
+
+static constexpr int64_t MAX_K = 65536;  // int32 accumulator bound: K * 240 * 127 < 2^31
+
+#define CHECK_T(t, dt, what)                                                                  \
+  TORCH_CHECK((t).is_cuda() && (t).is_contiguous() && (t).scalar_type() == (dt),              \
+              "svdq: ", what, " must be a contiguous CUDA tensor of ", c10::toString(dt),    \
+              ", got ", (t).scalar_type(), (t).is_contiguous() ? "" : " (non-contiguous)", \
+              (t).is_cuda() ? "" : " on CPU")
+
+static void check_k(int64_t K) {
+  TORCH_CHECK(K > 0 && K % 64 == 0 && K <= MAX_K, "svdq w4a8: in_features K=", K,
+              " must be a positive multiple of 64 and at most ", MAX_K);
+}
+
+static void check_rc(int rc, const char* what) {
+  TORCH_CHECK(rc == 0, "svdq: ", what, " failed: ", cudaGetErrorString((cudaError_t)rc));
+}
+
+// x [M,K] 16-bit; inv_smooth fp32 [K]; down [R,K] x.dtype; rank_scale fp32 [R]; R % 16 == 0.
+// Outputs: codes int8 [M,K] (k permuted per 64, see w4a8.cu), sx fp32 [M], sumq int32 [M],
+// act x.dtype [M,R].
+void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
+               torch::Tensor rank_scale, torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq,
+               torch::Tensor act) {
+  TORCH_CHECK(x.dim() == 2, "svdq act_quant: x must be 2-D [M, K]");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: x must be bfloat16 or float16, got ",
+              dt);
+  CHECK_T(x, dt, "x");
+  const int64_t M = x.size(0), K = x.size(1), R = down.size(0);
+  check_k(K);
+  TORCH_CHECK(R % 16 == 0, "svdq act_quant: rank ", R, " must be padded to a multiple of 16");
+  CHECK_T(inv_smooth, at::kFloat, "inv_smooth");
+  CHECK_T(down, dt, "lowrank_down (in x's dtype)");
+  CHECK_T(rank_scale, at::kFloat, "rank_scale");
+  CHECK_T(codes, at::kChar, "codes");
+  CHECK_T(sx, at::kFloat, "sx");
+  CHECK_T(sumq, at::kInt, "sumq");
+  CHECK_T(act, dt, "act");
+  TORCH_CHECK(inv_smooth.numel() == K && (R == 0 || down.size(1) == K) && rank_scale.numel() == R &&
+                  codes.size(0) == M && codes.size(1) == K && sx.numel() == M &&
+                  sumq.numel() == M && act.numel() == M * R,
+              "svdq act_quant: tensor shapes do not match x [", M, ", ", K, "] and rank ", R);
+  TORCH_CHECK(M < (1LL << 31), "svdq: too many tokens");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_rc(svdq_w4a8_act(x.data_ptr(), dt == at::kHalf, (int)M, (int)K,
+                         inv_smooth.data_ptr<float>(), R ? down.data_ptr() : nullptr,
+                         rank_scale.data_ptr<float>(), (int)R, codes.data_ptr<int8_t>(),
+                         sx.data_ptr<float>(), sumq.data_ptr<int>(), act.data_ptr(),
+                         c10::cuda::getCurrentCUDAStream().stream()),
+           "w4a8 activation kernel");
+}
+
+// y [M,N] = W4A8(codes) + act . up^T + bias.  qweight uint8 [N, K/2] natural layout,
+// multT int8 [K/64, N], row_scale fp32 [N], up [N, R] y.dtype, bias [N] y.dtype or None.
+void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tensor qweight,
+          torch::Tensor multT, torch::Tensor row_scale, torch::Tensor act, torch::Tensor up,
+          c10::optional<torch::Tensor> bias, torch::Tensor y) {
+  const auto dt = y.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: output must be bfloat16 or float16");
+  CHECK_T(codes, at::kChar, "codes");
+  CHECK_T(sx, at::kFloat, "sx");
+  CHECK_T(sumq, at::kInt, "sumq");
+  CHECK_T(qweight, at::kByte, "qweight");
+  CHECK_T(multT, at::kChar, "multT");
+  CHECK_T(row_scale, at::kFloat, "row_scale");
+  CHECK_T(act, dt, "act");
+  CHECK_T(up, dt, "lowrank_up (in the output dtype)");
+  CHECK_T(y, dt, "y");
+  const int64_t M = codes.size(0), K = codes.size(1), N = qweight.size(0), R = up.size(1);
+  check_k(K);
+  TORCH_CHECK(N > 0 && N % 8 == 0, "svdq w4a8: out_features N=", N,
+              " must be a positive multiple of 8");
+  TORCH_CHECK(R % 16 == 0, "svdq gemm: rank ", R, " must be padded to a multiple of 16");
+  TORCH_CHECK(qweight.size(1) * 2 == K && multT.size(0) == K / 64 && multT.size(1) == N &&
+                  row_scale.numel() == N && sx.numel() == M && sumq.numel() == M &&
+                  act.numel() == M * R && up.size(0) == N && y.size(0) == M && y.size(1) == N,
+              "svdq gemm: tensor shapes do not match codes [", M, ", ", K, "], qweight [", N,
+              ", ", K / 2, "], rank ", R);
+  const void* bptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    CHECK_T(*bias, dt, "bias");
+    TORCH_CHECK(bias->numel() == N, "svdq gemm: bias must have N=", N, " elements");
+    bptr = bias->data_ptr();
+  }
+  const c10::cuda::CUDAGuard guard(codes.device());
+  check_rc(svdq_w4a8_gemm(codes.data_ptr<int8_t>(), sx.data_ptr<float>(), sumq.data_ptr<int>(),
+                          qweight.data_ptr<uint8_t>(), multT.data_ptr<int8_t>(),
+                          row_scale.data_ptr<float>(), act.data_ptr(), up.data_ptr(), (int)R, bptr,
+                          y.data_ptr(), (int)M, (int)N, (int)K, dt == at::kHalf,
+                          c10::cuda::getCurrentCUDAStream().stream()),
+           "w4a8 GEMM kernel");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "SVDQuant W4A8 kernels (csrc/w4a8.cu)";
+  m.def("act_quant", &act_quant, "activation kernel: low-rank down + smooth + int8 per token");
+  m.def("gemm", &gemm, "W4A8 GEMM with fused low-rank up and bias");
+  m.attr("MAX_K") = MAX_K;
+}

@@ -1,0 +1,146 @@
+"""The fused CUDA backend: W4A8 on the INT8 tensor cores (csrc/w4a8.cu), sm_80 and up.
+
+prepare(layer) derives, on the layer's GPU, the small tensors the kernels need beside the
+natural-layout 4-bit weights, which the GEMM reads as they are (no second copy of the weights):
+  multT int8 [K/64, N] and row_scale fp32 [N]   the W4A8 scale fold (quant.fold_group_scales)
+  inv_smooth fp32 [K]                           1 / smooth, as the reference computes it
+  down [R16, K], up [N, R16], rank_scale [R16]  the low-rank branch, zero-padded to R16 = ceil16(R)
+forward(layer, prepared, x) runs the activation kernel, then the GEMM.
+w4a16 layers (adaLN modulation, GEMV-like) and fp32 inputs use the reference math.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import quant
+from .. import build as _build
+
+MAX_K = 65536
+
+
+def _ceil16(r: int) -> int:
+    return (r + 15) // 16 * 16
+
+
+def act_perm(K: int, device=None) -> torch.Tensor:
+    """perm[P] = natural k stored at position P of the kernel's activation codes (docs/kernels.md).
+
+    Inside each group of 64: P = 32*s + 16*h + 4*tq + i  <->  j = 16*tq + 8*s + 2*i + h.
+    """
+    j = torch.arange(64)
+    tq, s, i, h = j // 16, (j // 8) % 2, (j % 8) // 2, j % 2
+    pos = 32 * s + 16 * h + 4 * tq + i
+    perm64 = torch.empty(64, dtype=torch.long)
+    perm64[pos] = j
+    perm = (torch.arange(0, K, 64).unsqueeze(1) + perm64.unsqueeze(0)).reshape(-1)
+    return perm.to(device) if device is not None else perm
+
+
+def check_shape(in_features: int, out_features: int) -> None:
+    if in_features <= 0 or in_features % 64 or in_features > MAX_K:
+        raise ValueError(f"SVDQuant cuda backend: in_features={in_features} must be a positive "
+                         f"multiple of 64 and at most {MAX_K} (docs/kernels.md)")
+    if out_features <= 0 or out_features % 8:
+        raise ValueError(f"SVDQuant cuda backend: out_features={out_features} must be a positive "
+                         "multiple of 8 (docs/kernels.md)")
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def available(self, device):
+        device = torch.device(device) if device is not None else torch.device("cuda")
+        if device.type != "cuda":
+            return False, f"the fused kernels need a CUDA device, not {device.type}"
+        if not torch.cuda.is_available():
+            return False, "torch reports no usable CUDA GPU"
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 0):
+            return False, (f"the INT8 tensor-core kernels need compute capability 8.0 or newer; "
+                           f"this GPU has {cap[0]}.{cap[1]}")
+        try:
+            _build.load()
+        except _build.BuildError as e:
+            return False, str(e)
+        return True, ""
+
+    @staticmethod
+    def ext():
+        return _build.load()
+
+    def prepare(self, layer):
+        if layer.kind == "w4a16":
+            return {}
+        n, k = layer.out_features, layer.in_features
+        check_shape(k, n)
+        dev = layer.qweight.device
+        if dev.type != "cuda":
+            raise ValueError(f"SVDQuant cuda backend: the layer lies on {dev}, not on a CUDA GPU")
+        with torch.no_grad():
+            codes = quant.unpack_int4(layer.qweight)      # transient int8 [N, K], freed below
+            row_scale, mult = quant.fold_group_scales(codes, layer.wscales)
+            del codes
+            down, up, rank_scale = layer.branch()
+            r = down.shape[0]
+            r16 = _ceil16(r)
+            dt = layer.lowrank_down.dtype
+            if r16 != r or not down.is_contiguous() or not up.is_contiguous():
+                d = torch.zeros(r16, k, dtype=dt, device=dev)
+                d[:r] = down
+                u = torch.zeros(n, r16, dtype=dt, device=dev)
+                u[:, :r] = up
+                down, up = d, u
+            rs = torch.zeros(r16, dtype=torch.float32, device=dev)
+            rs[:r] = rank_scale.float()
+        return {
+            "multT": mult.t().contiguous(),
+            "row_scale": row_scale.float().contiguous(),
+            "inv_smooth": (1.0 / layer.smooth.float()).contiguous(),
+            "down": {dt: down}, "up": {dt: up}, "rank_scale": rs,
+            "bias": {} if layer.bias is None else {layer.bias.dtype: layer.bias.contiguous()},
+        }
+
+    @staticmethod
+    def _as(cache: dict, dtype):
+        """The tensor in `dtype` (converted once and kept; only when x's dtype differs)."""
+        if dtype not in cache:
+            src = next(iter(cache.values()))
+            cache[dtype] = src.to(dtype).contiguous()
+        return cache[dtype]
+
+    def run(self, layer, prep, x: torch.Tensor, out: torch.Tensor | None = None,
+            return_parts: bool = False):
+        """The fused forward on x [M, K] (bf16/fp16). `out` may be given (tests poison it)."""
+        ext = _build.load()
+        x = x.contiguous()
+        m, k = x.shape
+        n = layer.out_features
+        dt = x.dtype
+        down = self._as(prep["down"], dt)
+        up = self._as(prep["up"], dt)
+        r16 = down.shape[0]
+        dev = x.device
+        codes = torch.empty(m, k, dtype=torch.int8, device=dev)
+        sx = torch.empty(m, dtype=torch.float32, device=dev)
+        sumq = torch.empty(m, dtype=torch.int32, device=dev)
+        act = torch.empty(m, r16, dtype=dt, device=dev)
+        ext.act_quant(x, prep["inv_smooth"], down, prep["rank_scale"], codes, sx, sumq, act)
+        y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
+        bias = self._as(prep["bias"], dt) if prep["bias"] else None
+        ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y)
+        if return_parts:
+            return y, (codes, sx, sumq, act)
+        return y
+
+    def forward(self, layer, prep, x):
+        if layer.kind == "w4a16" or x.dtype not in (torch.bfloat16, torch.float16):
+            return _reference_forward(layer, x)
+        if x.shape[0] == 0:
+            return torch.empty(0, layer.out_features, dtype=x.dtype, device=x.device)
+        return self.run(layer, prep, x)
+
+
+def _reference_forward(layer, x):
+    from .reference import ReferenceBackend
+    ref = ReferenceBackend(act_bits=8)
+    return ref.forward(layer, ref.prepare(layer), x)

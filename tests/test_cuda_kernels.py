@@ -1,0 +1,200 @@
+"""The fused CUDA kernels (csrc/w4a8.cu) against the reference path (svdq/reference.py).
+
+GPU only: skipped, with the reason shown, where torch sees no CUDA GPU.
+
+Tolerances. The integer part is exact on both sides (int32 in the kernel, float64 in the
+reference), and the kernel dequantizes with the same two fp32 roundings, so at rank 0 the output
+must be bitwise identical to the reference. With a branch, the only differences are the order of
+the fp32 sums (x.down in the activation kernel, act.up and the add to the main result in the
+GEMM epilogue; ~1e-7 relative), which can flip a 16-bit rounding of the low-rank activation or of
+the output. So: every element within 2 ulp of the output dtype at |ref| (plus an absolute floor of
+1e-6 * max|ref| for elements that cancel to nearly zero), the norm-wise relative error far below
+one ulp (bf16 1e-3, fp16 2e-4), and almost every element identical.
+"""
+import pytest
+import torch
+
+from conftest import rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA GPU: the fused kernels run on the device machine"),
+]
+
+ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+NORM_TOL = {torch.bfloat16: 1e-3, torch.float16: 2e-4}
+
+
+def _backends():
+    from svdq.backends.cuda import CudaBackend
+    from svdq.backends.reference import ReferenceBackend
+    return CudaBackend(), ReferenceBackend(act_bits=8)
+
+
+def make_layer(g, k, n, rank, dtype, bias=True):
+    from svdq import quant
+    from svdq.linear import SVDQLinear
+    dev = "cuda"
+    layer = SVDQLinear(k, n, rank=rank, bias=bias, kind="w4a4", device=dev, dtype=dtype)
+    codes = torch.randint(-8, 8, (n, k), generator=g)                 # -8 included: the fold edge
+    scales = (torch.randn(n, k // 64, generator=g) * 0.7).exp() * 0.02
+    scales[torch.rand(n, k // 64, generator=g) < 0.02] = 0            # some empty groups (mult 0)
+    with torch.no_grad():
+        layer.qweight.copy_(quant.pack_int4(codes).to(dev))
+        layer.wscales.copy_(scales.to(layer.wscales.dtype).to(dev))
+        layer.smooth.copy_(((torch.randn(k, generator=g) * 0.5).exp()).to(dtype).to(dev))
+        if rank:
+            layer.lowrank_down.copy_((torch.randn(rank, k, generator=g) / k ** 0.5).to(dtype).to(dev))
+            layer.lowrank_up.copy_((torch.randn(n, rank, generator=g) * 0.3).to(dtype).to(dev))
+        if bias:
+            layer.bias.copy_((torch.randn(n, generator=g) * 0.1).to(dtype).to(dev))
+    layer.invalidate()
+    return layer
+
+
+def make_x(g, m, k, dtype):
+    x = torch.randn(m, k, generator=g)
+    out = torch.randperm(k, generator=g)[: max(1, k // 50)]
+    x[:, out] *= 15                                                    # outlier channels
+    return x.to(dtype).cuda()
+
+
+def check_close(y, ref, dtype, exact=False):
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    assert not torch.isnan(y).any(), "NaN in the kernel output"
+    if exact:
+        diff = (y.float() - ref.float()).abs()
+        assert torch.equal(y, ref), (f"rank 0 must be bitwise identical to the reference; "
+                                     f"{int((diff > 0).sum())} elements differ, max {diff.max():.3g}")
+        return
+    yf, rf = y.double(), ref.double()
+    bound = 2 * ULP[dtype] * rf.abs() + 1e-6 * rf.abs().max()
+    bad = (yf - rf).abs() > bound
+    assert not bad.any(), (f"{int(bad.sum())} elements beyond 2 ulp; worst "
+                           f"{float(((yf - rf).abs() / rf.abs().clamp_min(1e-30)).max()):.3g} rel")
+    e = rel_err(y, ref)
+    assert e < NORM_TOL[dtype], f"relative error {e:.3g}"
+    same = float((y == ref).float().mean())
+    assert same > 0.95, f"only {same:.1%} of the elements are identical to the reference"
+
+
+SHAPES = [  # (M, K, N): FLUX layers at a few token counts, and the edges
+    (333, 3072, 9216), (4608, 3072, 3072), (77, 12288, 3072), (129, 15360, 3072),
+    (256, 3072, 21504), (1, 3072, 12288),
+    (1, 64, 8), (7, 192, 136), (333, 320, 264), (129, 64, 1000), (3, 65536, 16), (200, 128, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+@pytest.mark.parametrize("rank", [0, 32])
+def test_linear_matches_reference_shapes(gen, m, k, n, rank, dtype):
+    cuda, ref = _backends()
+    layer = make_layer(gen, k, n, rank, dtype)
+    x = make_x(gen, m, k, dtype)
+    y_ref = ref.forward(layer, ref.prepare(layer), x)
+    prep = cuda.prepare(layer)
+    y = cuda.run(layer, prep, x, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+    check_close(y, y_ref, dtype, exact=(rank == 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rank", [0, 16, 32, 48, 112, 256])
+@pytest.mark.parametrize("m,k,n", [(333, 3072, 3072), (7, 704, 392)])
+def test_ranks(gen, m, k, n, rank, dtype):
+    cuda, ref = _backends()
+    layer = make_layer(gen, k, n, rank, dtype)
+    x = make_x(gen, m, k, dtype)
+    y_ref = ref.forward(layer, ref.prepare(layer), x)
+    y = cuda.run(layer, cuda.prepare(layer), x)
+    check_close(y, y_ref, dtype, exact=(rank == 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rank", [0, 48, 112])
+@pytest.mark.parametrize("m,k", [(1, 64), (333, 3072), (17, 15360), (40, 704)])
+def test_activation_kernel(gen, m, k, rank, dtype):
+    """Codes, scales and code sums exactly as quant.quantize_act; branch activation to 1 ulp."""
+    from svdq import quant, reference
+    from svdq.backends.cuda import act_perm
+    cuda, _ = _backends()
+    layer = make_layer(gen, k, 64, rank, dtype)
+    x = make_x(gen, m, k, dtype)
+    x[0, :] = 0 if m > 3 else x[0, :]                                   # a zero token (scale 0)
+    prep = cuda.prepare(layer)
+    _, (codes, sx, sumq, act) = cuda.run(layer, prep, x, return_parts=True)
+    nat = torch.empty_like(codes)
+    nat[:, act_perm(k, "cuda")] = codes
+    qx, sref = quant.quantize_act(x.float() * prep["inv_smooth"], 8, None)
+    assert torch.equal(nat.float(), qx)
+    assert torch.equal(sx, sref[:, 0])
+    assert torch.equal(sumq.long(), qx.sum(1).long())
+    down, _, rank_scale = layer.branch()
+    a_ref = reference.lowrank_act(x, down, rank_scale, dtype)
+    assert act.shape == (m, rank)
+    if rank:
+        d = (act.double() - a_ref.double()).abs()
+        assert (d <= ULP[dtype] * a_ref.double().abs() + 1e-30).all(), "branch activation beyond 1 ulp"
+        assert float((act == a_ref).float().mean()) > 0.95
+
+
+def test_deterministic_and_poison(gen):
+    """Two runs give identical bits; a NaN-poisoned output and NaN-filled allocator memory are
+    overwritten completely (intermediates come from the caching allocator)."""
+    cuda, ref = _backends()
+    dtype = torch.bfloat16
+    layer = make_layer(gen, 3072, 3072, 32, dtype)
+    x = make_x(gen, 333, 3072, dtype)
+    prep = cuda.prepare(layer)
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")     # 256 MB of NaN, then freed
+    del junk
+    y1, p1 = cuda.run(layer, prep, x, out=torch.full((333, 3072), float("nan"), dtype=dtype,
+                                                     device="cuda"), return_parts=True)
+    y2, p2 = cuda.run(layer, prep, x, return_parts=True)
+    assert not torch.isnan(y1).any()
+    assert torch.equal(y1, y2)
+    for a, b in zip(p1, p2):
+        assert torch.equal(a, b)
+    check_close(y1, ref.forward(layer, ref.prepare(layer), x), dtype)
+
+
+def test_lora_segments_odd_rank(gen):
+    """A LoRA of rank 5 appended to a rank-32 branch (37: padded to 48), strength changed."""
+    cuda, ref = _backends()
+    dtype = torch.bfloat16
+    k, n = 704, 392
+    layer = make_layer(gen, k, n, 32, dtype)
+    down = (torch.randn(5, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    up = (torch.randn(n, 5, generator=gen) * 0.3).to(dtype).cuda()
+    layer.set_lowrank_segments([("lora", down, up, 0.7)])
+    x = make_x(gen, 333, k, dtype)
+    check_close(cuda.run(layer, cuda.prepare(layer), x), ref.forward(layer, ref.prepare(layer), x), dtype)
+    layer.set_segment_scale("lora", -1.5)
+    check_close(cuda.run(layer, cuda.prepare(layer), x), ref.forward(layer, ref.prepare(layer), x), dtype)
+
+
+def test_module_forward_and_registry(gen):
+    """SVDQLinear.forward through the registry: "auto" picks cuda here; 3-D input; fp32 falls back."""
+    from svdq import backends
+    assert backends.select("auto", "cuda").name == "cuda"
+    dtype = torch.bfloat16
+    layer = make_layer(gen, 256, 128, 16, dtype)
+    layer.set_backend("cuda")
+    x = make_x(gen, 10, 256, dtype).reshape(2, 5, 256)
+    y = layer(x)
+    _, ref = _backends()
+    check_close(y.reshape(10, 128), ref.forward(layer, ref.prepare(layer), x.reshape(10, 256)), dtype)
+
+
+@pytest.mark.parametrize("k,n", [(96, 64), (64 * 1025 + 64, 8), (128, 12)])
+def test_rejects_bad_shapes(gen, k, n):
+    from svdq.backends.cuda import CudaBackend
+    from svdq.linear import SVDQLinear
+    if k % 64:
+        with pytest.raises(ValueError):
+            SVDQLinear(k, n, device="cuda")
+        return
+    layer = SVDQLinear(k, n, rank=0, device="cuda")
+    with pytest.raises(ValueError, match="multiple of|at most"):
+        CudaBackend().prepare(layer)
