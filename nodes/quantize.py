@@ -78,6 +78,7 @@ class QuantizeCheckpoint:
             "steps": ("INT", {"default": 8, "min": 1, "max": 100,
                               "tooltip": "Sampling steps recorded for calibration."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                             "control_after_generate": True,
                              "tooltip": "Seed of the calibration noise and token sampling."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16,
                                    "tooltip": "Side of the square calibration image, pixels."}),

@@ -1,0 +1,62 @@
+"""Integration tests against the real ComfyUI host: one headless server per test module.
+
+The host is found through $COMFYUI_PATH, the custom_nodes folder this checkout sits in, or
+<repo>/../shared/comfyui. Under CI (CI=true) a missing host fails the run; elsewhere the tests
+skip with the reason.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+from svdq import demo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def comfyui_host():
+    try:
+        host = demo.find_comfyui()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
+    if host is None:
+        msg = ("no ComfyUI host: set COMFYUI_PATH, or check this repo out into "
+               "<ComfyUI>/custom_nodes, or next to shared/comfyui")
+        if _in_ci():
+            pytest.fail(msg + " (CI=true: a missing host is a failure)")
+        pytest.skip(msg)
+    return host
+
+
+@pytest.fixture(scope="session")
+def stand_ins(comfyui_host, tmp_path_factory):
+    """Text-encoder and VAE stand-ins, written once per session and linked into each base."""
+    models = tmp_path_factory.mktemp("stand_ins")
+    demo.make_stand_ins(comfyui_host, models)
+    return models
+
+
+@pytest.fixture(scope="module")
+def comfy(comfyui_host, stand_ins, tmp_path_factory):
+    """A running ComfyUI with this extension loaded and the stand-ins in its models folder."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    server = demo.ComfyServer(comfyui_host, base, REPO).start()
+    try:
+        for sub in ("text_encoders", "vae_approx"):
+            dst = base / "models" / sub
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in (stand_ins / sub).iterdir():
+                os.symlink(f, dst / f.name)
+        server.models = base / "models"
+        server.wait_ready()
+        yield server
+    except BaseException:
+        print(server.log_tail())
+        raise
+    finally:
+        server.stop()
