@@ -96,7 +96,9 @@ def quantize_act(x: torch.Tensor, bits: int, group: int | None, unsigned: bool =
     _check_groups(x, "quantize_act", g)
     xg = x.float().reshape(m, k // g, g)
     amax = xg.abs().amax(-1) if not unsigned else xg.clamp_min(0).amax(-1)
-    scale = amax / qmax
+    # A tensor divisor, not the Python int: on CUDA, torch divides by a CPU scalar as a
+    # multiplication with its fp32 reciprocal, which is not the IEEE quotient the kernels use.
+    scale = amax / torch.full_like(amax, qmax)
     safe = torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
     codes = torch.round(xg / safe).clamp(qmin, qmax)
     codes = torch.where(scale.unsqueeze(-1) > 0, codes, 0.0)
