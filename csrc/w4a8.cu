@@ -134,140 +134,160 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 // =============================================================================================
 // 1. Activation kernel
 // =============================================================================================
-// One block = 16 tokens (one m16 MMA tile) x all of K, 8 warps. Two passes over the block's rows:
-//   pass 1: warps take interleaved k16 slices; each lane loads its m16n8k16 A fragment of x
-//           straight from global memory, folds |x*inv_smooth| into a per-row max, and multiplies
-//           the fragment with down (B, also straight from global: down[r, k] row-major is the
-//           "col" B layout). Ranks are done 64 at a time (32 fp32 accumulators per lane); above
-//           64 the x slice is re-read from L2. Partial sums of the 8 warps are added in smem in a
-//           fixed order: deterministic, no atomics.
-//   pass 2: per row, 8 consecutive k per thread (16-byte loads), code = rint(xs / scale) with
-//           IEEE division, stored in the permuted order P(j). The re-read of x mostly hits L2.
-constexpr int ACT_TM = 16;
+// One block = ACT_TM = 32 tokens (two m16 tiles) x all of K, 8 warps. Phases:
+//   B (branch + absmax): the block streams x[32 x K] and down[64 ranks x K] through shared
+//     memory in k-chunks of 64 (3-stage cp.async pipeline, 16-byte copies, rows beyond M or the
+//     rank zero-filled). Warp w owns m16 tile w%2 and the rank n8 tiles 2*(w/2), 2*(w/2)+1 over
+//     the whole K, so its fp32 sums need no cross-warp reduction (deterministic, no atomics);
+//     fragments come from the swizzled tiles through ldmatrix. Meanwhile thread i keeps the
+//     running max of |x * inv_smooth| over row i/8, columns 8*(i%8)..+7 of every chunk.
+//     Ranks beyond 64 take further passes over x (LoRA-extended branches only).
+//   C (quantize): warp w quantizes rows w, w+8, ...: 16-byte loads (the re-read of the block's
+//     rows mostly hits L2), code = rint(xs / scale) with IEEE division, stored in the permuted
+//     order P(j); the code sum comes from a warp reduction.
+constexpr int ACT_TM = 32;
 constexpr int ACT_WARPS = 8;
 constexpr int ACT_THREADS = ACT_WARPS * 32;
 constexpr int ACT_RCHUNK = 64;
+constexpr int ACT_KC = 64;                     // k per chunk: 128-byte rows of 16-bit values
+constexpr int ACT_STAGES = 3;
+constexpr int ACT_XB = ACT_TM * ACT_KC * 2;    // 4 KB of x per stage
+constexpr int ACT_DB = ACT_RCHUNK * ACT_KC * 2;  // 8 KB of down per stage
+constexpr int ACT_STAGE = ACT_XB + ACT_DB;
 
 template <typename T>
 __global__ void __launch_bounds__(ACT_THREADS)
 act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const T* __restrict__ down,
            const float* __restrict__ rank_scale, int M, int K, int R, int8_t* __restrict__ codes,
            float* __restrict__ sx, int* __restrict__ sumq, T* __restrict__ act) {
-  __shared__ float red[ACT_WARPS][ACT_TM][ACT_RCHUNK + 1];
-  __shared__ float amax_s[ACT_WARPS][ACT_TM];
-  __shared__ int sum_s[ACT_WARPS];
-  __shared__ float scale_s[ACT_TM];
+  __shared__ __align__(128) uint8_t sm[ACT_STAGES * ACT_STAGE];
+  __shared__ float amax_s[ACT_TM];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int t0 = blockIdx.x * ACT_TM;
-  const bool okA = t0 + g < M, okB = t0 + g + 8 < M;
-  const T* xA = x + (size_t)min(t0 + g, M - 1) * K;
-  const T* xB = x + (size_t)min(t0 + g + 8, M - 1) * K;
+  const int KCH = K / ACT_KC;
+  const int mt = warp % 2, ntp = warp / 2;     // this warp's m16 tile and pair of rank n8 tiles
+  const int arow = tid / 8, acol = (tid % 8) * 8;  // absmax: 8 consecutive k of one row per chunk
+  float am = 0.f;
 
-  float amA = 0.f, amB = 0.f;
   const int nchunks = R == 0 ? 1 : (R + ACT_RCHUNK - 1) / ACT_RCHUNK;
   for (int rc = 0; rc < nchunks; ++rc) {
     const int r0 = rc * ACT_RCHUNK;
-    const int nrt = min(ACT_RCHUNK, R - r0) / 8;  // n8 tiles of ranks in this chunk (0 if R == 0)
-    float acc[ACT_RCHUNK / 8][4];
+    const int rcount = min(ACT_RCHUNK, R - r0);  // ranks in this chunk (0 when R == 0)
+    const bool do_mma = ntp * 16 < rcount;       // R is a multiple of 16: both n8 tiles valid
+    auto load = [&](int stage, int kc) {
+      uint8_t* s = sm + stage * ACT_STAGE;
+      const int kb = kc * ACT_KC;
+      {  // x: 32 rows x 8 chunks of 16 bytes = 256 copies, one per thread
+        const int row = tid / 8, ch = tid % 8;
+        const bool ok = t0 + row < M;
+        const T* src = x + (size_t)(ok ? t0 + row : 0) * K + kb + ch * 8;
+        cp_async16(s + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
+      }
+      if (rcount > 0) {  // down: 64 rows x 8 chunks = 512 copies, two per thread
 #pragma unroll
-    for (int j = 0; j < ACT_RCHUNK / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        for (int i = 0; i < 2; ++i) {
+          const int c = tid + i * ACT_THREADS, row = c / 8, ch = c % 8;
+          const bool ok = row < rcount;
+          const T* src = down + (size_t)(ok ? r0 + row : 0) * K + kb + ch * 8;
+          cp_async16(s + ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
+        }
+      }
+    };
+    float acc[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-#pragma unroll 2
-    for (int k = warp * 16; k < K; k += 16 * ACT_WARPS) {
-      uint32_t a[4];
-      a[0] = okA ? ld32(xA + k + 2 * tq) : 0u;
-      a[1] = okB ? ld32(xB + k + 2 * tq) : 0u;
-      a[2] = okA ? ld32(xA + k + 2 * tq + 8) : 0u;
-      a[3] = okB ? ld32(xB + k + 2 * tq + 8) : 0u;
+#pragma unroll
+    for (int st = 0; st < ACT_STAGES - 1; ++st) {
+      if (st < KCH) load(st, st);
+      cp_async_commit();
+    }
+    for (int kc = 0; kc < KCH; ++kc) {
+      cp_async_wait<ACT_STAGES - 2>();
+      __syncthreads();
+      if (kc + ACT_STAGES - 1 < KCH) load((kc + ACT_STAGES - 1) % ACT_STAGES, kc + ACT_STAGES - 1);
+      cp_async_commit();
+      const uint8_t* s = sm + (kc % ACT_STAGES) * ACT_STAGE;
       if (rc == 0) {
-        const float2 s0 = *reinterpret_cast<const float2*>(inv_smooth + k + 2 * tq);
-        const float2 s1 = *reinterpret_cast<const float2*>(inv_smooth + k + 2 * tq + 8);
-        const T* pa = reinterpret_cast<const T*>(a);
-        // xs = x * inv_smooth in fp32, exactly as the reference; rows past M are zeros.
-        amA = fmaxf(amA, fabsf(__fmul_rn(F16<T>::to_f(pa[0]), s0.x)));
-        amA = fmaxf(amA, fabsf(__fmul_rn(F16<T>::to_f(pa[1]), s0.y)));
-        amB = fmaxf(amB, fabsf(__fmul_rn(F16<T>::to_f(pa[2]), s0.x)));
-        amB = fmaxf(amB, fabsf(__fmul_rn(F16<T>::to_f(pa[3]), s0.y)));
-        amA = fmaxf(amA, fabsf(__fmul_rn(F16<T>::to_f(pa[4]), s1.x)));
-        amA = fmaxf(amA, fabsf(__fmul_rn(F16<T>::to_f(pa[5]), s1.y)));
-        amB = fmaxf(amB, fabsf(__fmul_rn(F16<T>::to_f(pa[6]), s1.x)));
-        amB = fmaxf(amB, fabsf(__fmul_rn(F16<T>::to_f(pa[7]), s1.y)));
-      }
+        // xs = x * inv_smooth in fp32, as the reference; rows past M were zero-filled
+        const uint4 v = *reinterpret_cast<const uint4*>(
+            s + arow * 128 + (((acol / 8) ^ (arow & 7)) * 16));
+        const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + kc * ACT_KC + acol);
+        const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + kc * ACT_KC + acol + 4);
+        const T* pv = reinterpret_cast<const T*>(&v);
+        const float smv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
 #pragma unroll
-      for (int j = 0; j < ACT_RCHUNK / 8; ++j) {
-        if (j < nrt) {
-          const T* d = down + (size_t)(r0 + j * 8 + g) * K + k;
-          uint32_t b[2] = {ld32(d + 2 * tq), ld32(d + 2 * tq + 8)};
-          mma16816<T>(acc[j], a, b);
+        for (int e = 0; e < 8; ++e) am = fmaxf(am, fabsf(__fmul_rn(F16<T>::to_f(pv[e]), smv[e])));
+      }
+      if (do_mma) {
+#pragma unroll
+        for (int k16 = 0; k16 < ACT_KC / 16; ++k16) {
+          uint32_t a[4], b[4];
+          {
+            const int row = mt * 16 + (lane % 16), ch = 2 * k16 + lane / 16;
+            ldmatrix_x4(a[0], a[1], a[2], a[3], s + row * 128 + ((ch ^ (row & 7)) * 16));
+          }
+          {
+            const int row = ntp * 16 + (lane / 16) * 8 + (lane % 8), ch = 2 * k16 + ((lane / 8) & 1);
+            ldmatrix_x4(b[0], b[1], b[2], b[3], s + ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16));
+          }
+          mma16816<T>(acc[0], a, b);
+          mma16816<T>(acc[1], a, b + 2);
         }
       }
     }
-    if (nrt > 0) {
+    cp_async_wait<0>();
+    __syncthreads();  // the next rank chunk refills the stages
+    if (do_mma) {
 #pragma unroll
-      for (int j = 0; j < ACT_RCHUNK / 8; ++j) {
-        if (j < nrt) {
-          red[warp][g][j * 8 + 2 * tq] = acc[j][0];
-          red[warp][g][j * 8 + 2 * tq + 1] = acc[j][1];
-          red[warp][g + 8][j * 8 + 2 * tq] = acc[j][2];
-          red[warp][g + 8][j * 8 + 2 * tq + 1] = acc[j][3];
+      for (int j = 0; j < 2; ++j) {
+        const int r = r0 + ntp * 16 + j * 8 + 2 * tq;
+        const float rs0 = rank_scale[r], rs1 = rank_scale[r + 1];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int t = t0 + mt * 16 + g + 8 * hh;
+          if (t < M) {
+            T pr[2] = {F16<T>::from_f(__fmul_rn(acc[j][2 * hh], rs0)),
+                       F16<T>::from_f(__fmul_rn(acc[j][2 * hh + 1], rs1))};
+            *reinterpret_cast<uint32_t*>(act + (size_t)t * R + r) = *reinterpret_cast<uint32_t*>(pr);
+          }
         }
       }
-      __syncthreads();
-      const int cols = nrt * 8;
-      for (int e = tid; e < ACT_TM * cols; e += ACT_THREADS) {
-        const int row = e / cols, col = e % cols;
-        if (t0 + row < M) {
-          float s = red[0][row][col];
-#pragma unroll
-          for (int w = 1; w < ACT_WARPS; ++w) s = __fadd_rn(s, red[w][row][col]);
-          act[(size_t)(t0 + row) * R + r0 + col] =
-              F16<T>::from_f(__fmul_rn(s, rank_scale[r0 + col]));
-        }
-      }
-      __syncthreads();
     }
   }
 
-  // per-token absmax: quad (4 lanes share a row), then the warps
-  amA = fmaxf(amA, __shfl_xor_sync(0xffffffffu, amA, 1));
-  amA = fmaxf(amA, __shfl_xor_sync(0xffffffffu, amA, 2));
-  amB = fmaxf(amB, __shfl_xor_sync(0xffffffffu, amB, 1));
-  amB = fmaxf(amB, __shfl_xor_sync(0xffffffffu, amB, 2));
-  if (tq == 0) {
-    amax_s[warp][g] = amA;
-    amax_s[warp][g + 8] = amB;
-  }
-  __syncthreads();
-  if (tid < ACT_TM) {
-    float m = amax_s[0][tid];
-#pragma unroll
-    for (int w = 1; w < ACT_WARPS; ++w) m = fmaxf(m, amax_s[w][tid]);
-    const float scale = __fdiv_rn(m, 127.f);
-    scale_s[tid] = scale;
-    if (t0 + tid < M) sx[t0 + tid] = scale;
+  // per-token absmax: 8 consecutive lanes share a row
+  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
+  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 4));
+  if (tid % 8 == 0) {
+    const float scale = __fdiv_rn(am, 127.f);
+    amax_s[arow] = scale;
+    if (t0 + arow < M) sx[t0 + arow] = scale;
   }
   __syncthreads();
 
-  // pass 2: quantize
-  for (int row = 0; row < ACT_TM; ++row) {
+  // phase C: quantize, one warp per row
+  for (int row = warp; row < ACT_TM; row += ACT_WARPS) {
     const int t = t0 + row;
-    if (t >= M) break;  // uniform across the block
-    const float scale = scale_s[row];
+    if (t >= M) break;
+    const float scale = amax_s[row];
     const T* xr = x + (size_t)t * K;
     int8_t* cr = codes + (size_t)t * K;
     int sum = 0;
-    for (int q = tid; q < K / 8; q += ACT_THREADS) {
+#pragma unroll 4
+    for (int q = lane; q < K / 8; q += 32) {
       const int j0 = q * 8;
       const uint4 v = *reinterpret_cast<const uint4*>(xr + j0);
       const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + j0);
       const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + j0 + 4);
       const T* pv = reinterpret_cast<const T*>(&v);
-      const float sm[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+      const float smv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
       int c[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float xs = __fmul_rn(F16<T>::to_f(pv[e]), sm[e]);
+        const float xs = __fmul_rn(F16<T>::to_f(pv[e]), smv[e]);
         int ci = 0;
         if (scale > 0.f) ci = max(-127, min(127, __float2int_rn(__fdiv_rn(xs, scale))));
         c[e] = ci;
@@ -283,18 +303,9 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
       *reinterpret_cast<uint32_t*>(cr + base + 32 * s + 4 * tqq) = lo;
       *reinterpret_cast<uint32_t*>(cr + base + 32 * s + 16 + 4 * tqq) = hi;
     }
-    // integer sum: order does not matter, but keep it a plain tree anyway
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) sum_s[warp] = sum;
-    __syncthreads();
-    if (tid == 0) {
-      int s = 0;
-#pragma unroll
-      for (int w = 0; w < ACT_WARPS; ++w) s += sum_s[w];
-      sumq[t] = s;
-    }
-    __syncthreads();
+    if (lane == 0) sumq[t] = sum;
   }
 }
 
