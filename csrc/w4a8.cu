@@ -135,25 +135,27 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 // 1. Activation kernel
 // =============================================================================================
 // One block = ACT_TM = 32 tokens (two m16 tiles) x all of K, 8 warps. Phases:
-//   B (branch + absmax): the block streams x[32 x K] and down[64 ranks x K] through shared
-//     memory in k-chunks of 64 (3-stage cp.async pipeline, 16-byte copies, rows beyond M or the
-//     rank zero-filled). Warp w owns m16 tile w%2 and the rank n8 tiles 2*(w/2), 2*(w/2)+1 over
-//     the whole K, so its fp32 sums need no cross-warp reduction (deterministic, no atomics);
-//     fragments come from the swizzled tiles through ldmatrix. Meanwhile thread i keeps the
-//     running max of |x * inv_smooth| over row i/8, columns 8*(i%8)..+7 of every chunk.
-//     Ranks beyond 64 take further passes over x (LoRA-extended branches only).
+//   B (branch + absmax): the block streams x[32 x K], down[32 ranks x K] and inv_smooth
+//     through shared memory in k-chunks of 64 (5-stage cp.async pipeline, 16-byte copies, rows
+//     beyond M or the rank zero-filled). The loop is latency-bound (one block per SM at FLUX
+//     sizes), so the pipeline is deep rather than the tile wide. Warp w < 4 owns m16 tile w%2
+//     and the rank n8 tiles 2*(w/2), 2*(w/2)+1 over the whole K, so its fp32 sums need no
+//     cross-warp reduction (deterministic, no atomics); fragments come from the swizzled tiles
+//     through ldmatrix. Meanwhile thread i keeps the running max of |x * inv_smooth| over row
+//     i/8, columns 8*(i%8)..+7 of every chunk. Ranks beyond 32 take further passes over x
+//     (LoRA-extended branches only; the re-reads mostly hit L2).
 //   C (quantize): warp w quantizes rows w, w+8, ...: 16-byte loads (the re-read of the block's
 //     rows mostly hits L2), code = rint(xs / scale) with IEEE division, stored in the permuted
 //     order P(j); the code sum comes from a warp reduction.
 constexpr int ACT_TM = 32;
 constexpr int ACT_WARPS = 8;
 constexpr int ACT_THREADS = ACT_WARPS * 32;
-constexpr int ACT_RCHUNK = 64;
+constexpr int ACT_RCHUNK = 32;
 constexpr int ACT_KC = 64;                     // k per chunk: 128-byte rows of 16-bit values
-constexpr int ACT_STAGES = 3;
+constexpr int ACT_STAGES = 5;
 constexpr int ACT_XB = ACT_TM * ACT_KC * 2;    // 4 KB of x per stage
-constexpr int ACT_DB = ACT_RCHUNK * ACT_KC * 2;  // 8 KB of down per stage
-constexpr int ACT_STAGE = ACT_XB + ACT_DB;
+constexpr int ACT_DB = ACT_RCHUNK * ACT_KC * 2;  // 4 KB of down per stage
+constexpr int ACT_STAGE = ACT_XB + ACT_DB + ACT_KC * 4;  // + inv_smooth chunk
 
 template <typename T>
 __global__ void __launch_bounds__(ACT_THREADS)
@@ -184,15 +186,14 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
         const T* src = x + (size_t)(ok ? t0 + row : 0) * K + kb + ch * 8;
         cp_async16(s + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
       }
-      if (rcount > 0) {  // down: 64 rows x 8 chunks = 512 copies, two per thread
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int c = tid + i * ACT_THREADS, row = c / 8, ch = c % 8;
-          const bool ok = row < rcount;
-          const T* src = down + (size_t)(ok ? r0 + row : 0) * K + kb + ch * 8;
-          cp_async16(s + ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
-        }
+      if (rcount > 0) {  // down: 32 rows x 8 chunks = 256 copies, one per thread
+        const int row = tid / 8, ch = tid % 8;
+        const bool ok = row < rcount;
+        const T* src = down + (size_t)(ok ? r0 + row : 0) * K + kb + ch * 8;
+        cp_async16(s + ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
       }
+      if (rc == 0 && tid < ACT_KC / 4)  // inv_smooth for the absmax: 16 copies
+        cp_async16(s + ACT_XB + ACT_DB + tid * 16, inv_smooth + kb + tid * 4, 16);
     };
     float acc[2][4];
 #pragma unroll
@@ -213,8 +214,8 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
         // xs = x * inv_smooth in fp32, as the reference; rows past M were zero-filled
         const uint4 v = *reinterpret_cast<const uint4*>(
             s + arow * 128 + (((acol / 8) ^ (arow & 7)) * 16));
-        const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + kc * ACT_KC + acol);
-        const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + kc * ACT_KC + acol + 4);
+        const float4 s0 = *reinterpret_cast<const float4*>(s + ACT_XB + ACT_DB + acol * 4);
+        const float4 s1 = *reinterpret_cast<const float4*>(s + ACT_XB + ACT_DB + acol * 4 + 16);
         const T* pv = reinterpret_cast<const T*>(&v);
         const float smv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
 #pragma unroll
@@ -276,7 +277,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     const T* xr = x + (size_t)t * K;
     int8_t* cr = codes + (size_t)t * K;
     int sum = 0;
-#pragma unroll 4
+#pragma unroll 8
     for (int q = lane; q < K / 8; q += 32) {
       const int j0 = q * 8;
       const uint4 v = *reinterpret_cast<const uint4*>(xr + j0);

@@ -4,12 +4,18 @@ GPU only: skipped, with the reason shown, where torch sees no CUDA GPU.
 
 Tolerances. The integer part is exact on both sides (int32 in the kernel, float64 in the
 reference), and the kernel dequantizes with the same two fp32 roundings, so at rank 0 the output
-must be bitwise identical to the reference. With a branch, the only differences are the order of
-the fp32 sums (x.down in the activation kernel, act.up and the add to the main result in the
-GEMM epilogue; ~1e-7 relative), which can flip a 16-bit rounding of the low-rank activation or of
-the output. So: every element within 2 ulp of the output dtype at |ref| (plus an absolute floor of
-1e-6 * max|ref| for elements that cancel to nearly zero), the norm-wise relative error far below
-one ulp (bf16 1e-3, fp16 2e-4), and almost every element identical.
+must be bitwise identical to the reference, and the activation codes, scales and code sums must
+equal quant.quantize_act's exactly. With a branch, the two sides sum in different orders (x.down:
+tensor-core fp32 in the kernel, cuBLAS fp32 in the reference; act.up likewise, and the kernel
+adds it to the main result inside the MMA). Bounds, with u = the 16-bit dtype's largest relative
+spacing (bf16 2^-7, fp16 2^-10) and g = K * 2^-24 (a standard fp32 summation bound, both sides):
+  branch activation a:  |a - a_ref| <= u*|a_ref| + 2*g*(|x| @ |down|^T)*|rank_scale|
+      (one 16-bit rounding apart, unless the fp32 sums differ by more than that)
+  output y:             |y - y_ref| <= 2*u*|y_ref| + u*(|a_ref| @ |up|^T) + 1e-5*(|y_ref| + S)
+      (output rounding, one ulp of each branch activation it multiplies, fp32 order; S is the
+       bound's second term over u)
+and the norm-wise relative error below one unit roundoff of the dtype (bf16 4e-3, fp16 5e-4).
+The share of bitwise-identical elements is printed for the notes, not asserted.
 """
 import pytest
 import torch
@@ -22,8 +28,8 @@ pytestmark = [
                        reason="needs a CUDA GPU: the fused kernels run on the device machine"),
 ]
 
-ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-NORM_TOL = {torch.bfloat16: 1e-3, torch.float16: 2e-4}
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+NORM_TOL = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
 
 
 def _backends():
@@ -60,23 +66,31 @@ def make_x(g, m, k, dtype):
     return x.to(dtype).cuda()
 
 
-def check_close(y, ref, dtype, exact=False):
+def check_close(y, ref, dtype, exact=False, layer=None, x=None):
     assert y.shape == ref.shape and y.dtype == ref.dtype
     assert not torch.isnan(y).any(), "NaN in the kernel output"
     if exact:
         diff = (y.float() - ref.float()).abs()
         assert torch.equal(y, ref), (f"rank 0 must be bitwise identical to the reference; "
                                      f"{int((diff > 0).sum())} elements differ, max {diff.max():.3g}")
+        print(f"[exact] {tuple(y.shape)} {dtype}: bitwise identical")
         return
+    from svdq import reference
+    down, up, rank_scale = layer.branch()
+    a_ref = reference.lowrank_act(x, down, rank_scale, dtype).double()
+    s = a_ref.abs() @ up.double().abs().t()
     yf, rf = y.double(), ref.double()
-    bound = 2 * ULP[dtype] * rf.abs() + 1e-6 * rf.abs().max()
-    bad = (yf - rf).abs() > bound
-    assert not bad.any(), (f"{int(bad.sum())} elements beyond 2 ulp; worst "
-                           f"{float(((yf - rf).abs() / rf.abs().clamp_min(1e-30)).max()):.3g} rel")
+    u = ULP[dtype]
+    order = 1e-5 + 2 * (down.shape[0] + 2) * 2.0 ** -24           # fp32 order, both sides
+    bound = 2 * u * rf.abs() + u * s + order * (rf.abs() + s) + 1e-30
+    over = (yf - rf).abs() / bound
     e = rel_err(y, ref)
-    assert e < NORM_TOL[dtype], f"relative error {e:.3g}"
     same = float((y == ref).float().mean())
-    assert same > 0.95, f"only {same:.1%} of the elements are identical to the reference"
+    print(f"[close] {tuple(y.shape)} {dtype}: rel err {e:.2e}, {same:.1%} identical, "
+          f"worst {float(over.max()):.2f} of the bound")
+    assert not (over > 1).any(), (f"{int((over > 1).sum())} elements beyond the bound; worst "
+                                  f"{float(over.max()):.3g}x; rel err {e:.3g}, {same:.1%} identical")
+    assert e < NORM_TOL[dtype], f"relative error {e:.3g}"
 
 
 SHAPES = [  # (M, K, N): FLUX layers at a few token counts, and the edges
@@ -96,7 +110,7 @@ def test_linear_matches_reference_shapes(gen, m, k, n, rank, dtype):
     y_ref = ref.forward(layer, ref.prepare(layer), x)
     prep = cuda.prepare(layer)
     y = cuda.run(layer, prep, x, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
-    check_close(y, y_ref, dtype, exact=(rank == 0))
+    check_close(y, y_ref, dtype, exact=(rank == 0), layer=layer, x=x)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -108,7 +122,7 @@ def test_ranks(gen, m, k, n, rank, dtype):
     x = make_x(gen, m, k, dtype)
     y_ref = ref.forward(layer, ref.prepare(layer), x)
     y = cuda.run(layer, cuda.prepare(layer), x)
-    check_close(y, y_ref, dtype, exact=(rank == 0))
+    check_close(y, y_ref, dtype, exact=(rank == 0), layer=layer, x=x)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -134,9 +148,15 @@ def test_activation_kernel(gen, m, k, rank, dtype):
     a_ref = reference.lowrank_act(x, down, rank_scale, dtype)
     assert act.shape == (m, rank)
     if rank:
-        d = (act.double() - a_ref.double()).abs()
-        assert (d <= ULP[dtype] * a_ref.double().abs() + 1e-30).all(), "branch activation beyond 1 ulp"
-        assert float((act == a_ref).float().mean()) > 0.95
+        g = k * 2.0 ** -24
+        bound = (ULP[dtype] * a_ref.double().abs()
+                 + 2 * g * (x.double().abs() @ down.double().abs().t()) * rank_scale.double().abs()
+                 + 1e-30)
+        over = (act.double() - a_ref.double()).abs() / bound
+        same = float((act == a_ref).float().mean())
+        print(f"[act] {m}x{k} r{rank} {dtype}: {same:.1%} identical, worst {float(over.max()):.2f} "
+              "of the bound")
+        assert not (over > 1).any(), f"branch activation beyond the bound: worst {float(over.max()):.3g}x"
 
 
 def test_deterministic_and_poison(gen):
@@ -156,7 +176,7 @@ def test_deterministic_and_poison(gen):
     assert torch.equal(y1, y2)
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
-    check_close(y1, ref.forward(layer, ref.prepare(layer), x), dtype)
+    check_close(y1, ref.forward(layer, ref.prepare(layer), x), dtype, layer=layer, x=x)
 
 
 def test_lora_segments_odd_rank(gen):
@@ -169,9 +189,11 @@ def test_lora_segments_odd_rank(gen):
     up = (torch.randn(n, 5, generator=gen) * 0.3).to(dtype).cuda()
     layer.set_lowrank_segments([("lora", down, up, 0.7)])
     x = make_x(gen, 333, k, dtype)
-    check_close(cuda.run(layer, cuda.prepare(layer), x), ref.forward(layer, ref.prepare(layer), x), dtype)
+    check_close(cuda.run(layer, cuda.prepare(layer), x), ref.forward(layer, ref.prepare(layer), x), dtype,
+                layer=layer, x=x)
     layer.set_segment_scale("lora", -1.5)
-    check_close(cuda.run(layer, cuda.prepare(layer), x), ref.forward(layer, ref.prepare(layer), x), dtype)
+    check_close(cuda.run(layer, cuda.prepare(layer), x), ref.forward(layer, ref.prepare(layer), x), dtype,
+                layer=layer, x=x)
 
 
 def test_module_forward_and_registry(gen):
@@ -184,7 +206,8 @@ def test_module_forward_and_registry(gen):
     x = make_x(gen, 10, 256, dtype).reshape(2, 5, 256)
     y = layer(x)
     _, ref = _backends()
-    check_close(y.reshape(10, 128), ref.forward(layer, ref.prepare(layer), x.reshape(10, 256)), dtype)
+    check_close(y.reshape(10, 128), ref.forward(layer, ref.prepare(layer), x.reshape(10, 256)), dtype,
+                layer=layer, x=x.reshape(10, 256))
 
 
 @pytest.mark.parametrize("k,n", [(96, 64), (64 * 1025 + 64, 8), (128, 12)])
