@@ -106,14 +106,17 @@ def main():
             t["act32"] = bench(lambda: ext.act_quant(x, pr["inv_smooth"], down, pr["rank_scale"],
                                                      codes, sx, sq, act))
             ext.act_quant(x, pr["inv_smooth"], down, pr["rank_scale"], codes, sx, sq, act)
-            t["gemm32"] = bench(lambda: ext.gemm(codes, sx, sq, layers[32].qweight, pr["multT"],
-                                                 pr["row_scale"], act, up, layers[32].bias, y))
+            for v in (0, 1):
+                t[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
+                    codes, sx, sq, layers[32].qweight, pr["multT"], pr["row_scale"], act, up,
+                    layers[32].bias, y, v))
+            t["gemm32"] = t[f"gemm32v{be.gemm_variant}"]
             flop = 2.0 * m * n * k
             rows.append(dict(name=name, m=m, k=k, n=n, flop=flop, **t))
             r = rows[-1]
             print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
                 f"{key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF" for key in
-                ("bf16", "fp8", "r0", "r32", "act32", "gemm32")), flush=True)
+                ("bf16", "fp8", "r0", "r32", "act32", "gemm32v0", "gemm32v1")), flush=True)
         del w, w8, layers, preps
         torch.cuda.empty_cache()
 
@@ -136,7 +139,8 @@ def main():
         sel = [r for r in rows if r["m"] == m]
         gm = lambda key: math.exp(sum(math.log(r["bf16"] / r[key]) for r in sel) / len(sel))
         print(f"geomean x bf16 at M={m}: fp8+q {gm('fp8'):.2f}  ours r0 {gm('r0'):.2f}  "
-              f"ours r32 {gm('r32'):.2f}  (gemm alone r32 {gm('gemm32'):.2f})")
+              f"ours r32 {gm('r32'):.2f}  (gemm alone r32: variant 0 {gm('gemm32v0'):.2f}, "
+              f"variant 1 {gm('gemm32v1'):.2f}; layer uses variant {be.gemm_variant})")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "mem": mem}, fh, indent=1)

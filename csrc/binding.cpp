@@ -11,7 +11,7 @@ int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smoot
 int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
-                   cudaStream_t stream);
+                   int variant, cudaStream_t stream);
 
 static constexpr int64_t MAX_K = 65536;  // int32 accumulator bound: K * 240 * 127 < 2^31
 
@@ -69,7 +69,7 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
 // multT int8 [K/64, N], row_scale fp32 [N], up [N, R] y.dtype, bias [N] y.dtype or None.
 void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tensor qweight,
           torch::Tensor multT, torch::Tensor row_scale, torch::Tensor act, torch::Tensor up,
-          c10::optional<torch::Tensor> bias, torch::Tensor y) {
+          c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t variant) {
   const auto dt = y.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: output must be bfloat16 or float16");
   CHECK_T(codes, at::kChar, "codes");
@@ -101,7 +101,7 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
   check_rc(svdq_w4a8_gemm(codes.data_ptr<int8_t>(), sx.data_ptr<float>(), sumq.data_ptr<int>(),
                           qweight.data_ptr<uint8_t>(), multT.data_ptr<int8_t>(),
                           row_scale.data_ptr<float>(), act.data_ptr(), up.data_ptr(), (int)R, bptr,
-                          y.data_ptr(), (int)M, (int)N, (int)K, dt == at::kHalf,
+                          y.data_ptr(), (int)M, (int)N, (int)K, dt == at::kHalf, (int)variant,
                           c10::cuda::getCurrentCUDAStream().stream()),
            "w4a8 GEMM kernel");
 }
@@ -109,6 +109,8 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SVDQuant W4A8 kernels (csrc/w4a8.cu)";
   m.def("act_quant", &act_quant, "activation kernel: low-rank down + smooth + int8 per token");
-  m.def("gemm", &gemm, "W4A8 GEMM with fused low-rank up and bias");
+  m.def("gemm", &gemm, "W4A8 GEMM with fused low-rank up and bias", py::arg("codes"),
+        py::arg("sx"), py::arg("sumq"), py::arg("qweight"), py::arg("multT"), py::arg("row_scale"),
+        py::arg("act"), py::arg("up"), py::arg("bias"), py::arg("y"), py::arg("variant") = 0);
   m.attr("MAX_K") = MAX_K;
 }

@@ -335,8 +335,11 @@ constexpr int GEMM_SMEM = STAGES * STAGE_BYTES;  // 99328, under the 99 KB of sm
 constexpr int OUT_STRIDE = BN + 8;  // epilogue staging row (16-bit elements), padded by 16 bytes
 static_assert(BT * OUT_STRIDE * 2 <= GEMM_SMEM, "epilogue staging must fit the pipeline smem");
 
-template <typename T>
-__global__ void __launch_bounds__(GEMM_THREADS, 2)
+// MINB = CTAs per SM the register budget is cut for: 2 (128 registers, 16 warps per SM, but
+// the compiler then serializes ldmatrix and MMA) or 1 (up to 255 registers, 8 warps per SM,
+// fragments of the next k32 step loaded ahead). bench/linear.py times both.
+template <typename T, int MINB>
+__global__ void __launch_bounds__(GEMM_THREADS, MINB)
 gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
             const int* __restrict__ sumq, const uint8_t* __restrict__ qweight,
             const int8_t* __restrict__ multT, const float* __restrict__ row_scale,
@@ -537,18 +540,18 @@ int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smoot
   return (int)cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, int MINB>
 static int launch_gemm(const int8_t* codes, const float* sx, const int* sumq,
                        const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                        const void* act, const void* up, int R, const void* bias, void* y, int M,
                        int N, int K, cudaStream_t stream) {
   // the attribute is per function and device; setting it every call is cheap and avoids a
   // per-device cache
-  cudaError_t e = cudaFuncSetAttribute(svdq::gemm_kernel<T>,
+  cudaError_t e = cudaFuncSetAttribute(svdq::gemm_kernel<T, MINB>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, svdq::GEMM_SMEM);
   if (e != cudaSuccess) return (int)e;
   dim3 grid((N + svdq::BN - 1) / svdq::BN, (M + svdq::BT - 1) / svdq::BT);
-  svdq::gemm_kernel<T><<<grid, svdq::GEMM_THREADS, svdq::GEMM_SMEM, stream>>>(
+  svdq::gemm_kernel<T, MINB><<<grid, svdq::GEMM_THREADS, svdq::GEMM_SMEM, stream>>>(
       codes, sx, sumq, qweight, multT, row_scale, (const T*)act, (const T*)up, R, (const T*)bias,
       (T*)y, M, N, K);
   return (int)cudaGetLastError();
@@ -557,11 +560,11 @@ static int launch_gemm(const int8_t* codes, const float* sx, const int* sumq,
 int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
-                   cudaStream_t stream) {
+                   int variant, cudaStream_t stream) {
   if (M == 0 || N == 0) return 0;
-  if (fp16)
-    return launch_gemm<__half>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y, M,
-                               N, K, stream);
-  return launch_gemm<__nv_bfloat16>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias,
-                                    y, M, N, K, stream);
+#define SVDQ_LAUNCH(TT, MB) \
+  launch_gemm<TT, MB>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y, M, N, K, stream)
+  if (fp16) return variant == 1 ? SVDQ_LAUNCH(__half, 1) : SVDQ_LAUNCH(__half, 2);
+  return variant == 1 ? SVDQ_LAUNCH(__nv_bfloat16, 1) : SVDQ_LAUNCH(__nv_bfloat16, 2);
+#undef SVDQ_LAUNCH
 }

@@ -10,6 +10,8 @@ w4a16 layers (adaLN modulation, GEMV-like) and fp32 inputs use the reference mat
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import quant
@@ -47,6 +49,8 @@ def check_shape(in_features: int, out_features: int) -> None:
 
 class CudaBackend:
     name = "cuda"
+    # GEMM register budget: 0 = two CTAs per SM (128 registers), 1 = one CTA per SM (csrc/w4a8.cu)
+    gemm_variant = int(os.environ.get("SVDQ_GEMM_VARIANT", "0"))
 
     def available(self, device):
         device = torch.device(device) if device is not None else torch.device("cuda")
@@ -127,7 +131,8 @@ class CudaBackend:
         ext.act_quant(x, prep["inv_smooth"], down, prep["rank_scale"], codes, sx, sumq, act)
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
-        ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y)
+        ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
+                 self.gemm_variant)
         if return_parts:
             return y, (codes, sx, sumq, act)
         return y
