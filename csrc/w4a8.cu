@@ -134,28 +134,41 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 // =============================================================================================
 // 1. Activation kernel
 // =============================================================================================
-// One block = ACT_TM = 32 tokens (two m16 tiles) x all of K, 8 warps. Phases:
-//   B (branch + absmax): the block streams x[32 x K], down[32 ranks x K] and inv_smooth
-//     through shared memory in k-chunks of 64 (5-stage cp.async pipeline, 16-byte copies, rows
-//     beyond M or the rank zero-filled). The loop is latency-bound (one block per SM at FLUX
-//     sizes), so the pipeline is deep rather than the tile wide. Warp w < 4 owns m16 tile w%2
-//     and the rank n8 tiles 2*(w/2), 2*(w/2)+1 over the whole K, so its fp32 sums need no
-//     cross-warp reduction (deterministic, no atomics); fragments come from the swizzled tiles
-//     through ldmatrix. Meanwhile thread i keeps the running max of |x * inv_smooth| over row
-//     i/8, columns 8*(i%8)..+7 of every chunk. Ranks beyond 32 take further passes over x
-//     (LoRA-extended branches only; the re-reads mostly hit L2).
-//   C (quantize): warp w quantizes rows w, w+8, ...: 16-byte loads (the re-read of the block's
-//     rows mostly hits L2), code = rint(xs / scale) with IEEE division, stored in the permuted
-//     order P(j); the code sum comes from a warp reduction.
-constexpr int ACT_TM = 32;
+// One block = ACT_TM = 16 tokens (one m16 tile) x all of K, 8 warps. Phases:
+//   B (branch + absmax): the block streams x[16 x K], down[64 ranks x K] and inv_smooth
+//     through shared memory in k-chunks of 64 (4-stage cp.async pipeline, 16-byte copies, rows
+//     beyond M or the rank zero-filled). Warp w owns the rank n8 tiles 2w, 2w+1 over the whole
+//     K, so its fp32 sums need no cross-warp reduction (deterministic, no atomics); fragments
+//     come from the swizzled tiles through ldmatrix. Meanwhile thread i keeps the running max
+//     of |x * inv_smooth| over row i/16, columns 4*(i%16)..+3 of every chunk. Ranks beyond 64
+//     take further passes over x (LoRA-extended branches only; the re-reads mostly hit L2).
+//     Small blocks on purpose: ncu showed the 32-token version latency-bound at ~1 block and
+//     9 warps per SM (65 us for 4608 x 3072, DRAM 10% busy).
+//   C (quantize): warp w quantizes rows w, w+8: 16-byte loads (the re-read of the block's rows
+//     hits L2), code = rint(xs / scale) exactly as the IEEE quotient would round (see
+//     quantize8), stored in the permuted order P(j); the code sum comes from a warp reduction.
+constexpr int ACT_TM = 16;
 constexpr int ACT_WARPS = 8;
 constexpr int ACT_THREADS = ACT_WARPS * 32;
-constexpr int ACT_RCHUNK = 32;
+constexpr int ACT_RCHUNK = 64;
 constexpr int ACT_KC = 64;                     // k per chunk: 128-byte rows of 16-bit values
-constexpr int ACT_STAGES = 5;
-constexpr int ACT_XB = ACT_TM * ACT_KC * 2;    // 4 KB of x per stage
-constexpr int ACT_DB = ACT_RCHUNK * ACT_KC * 2;  // 4 KB of down per stage
+constexpr int ACT_STAGES = 4;
+constexpr int ACT_XB = ACT_TM * ACT_KC * 2;    // 2 KB of x per stage
+constexpr int ACT_DB = ACT_RCHUNK * ACT_KC * 2;  // 8 KB of down per stage
 constexpr int ACT_STAGE = ACT_XB + ACT_DB + ACT_KC * 4;  // + inv_smooth chunk
+
+// rint(xs / scale) as IEEE division then round-half-even would give, without dividing in the
+// common case: q0 = xs * (1/scale) is within 2^-22 |q| of the correctly rounded quotient, so
+// rint(q0) is the same integer unless q0 lies within that distance of a half-integer; those
+// (about 1 in 10^5) take the exact __fdiv_rn path. The test is 4x wider than the error bound.
+__device__ __forceinline__ int quantize8(float xs, float scale, float rcp) {
+  if (!(scale > 0.f)) return 0;
+  const float q0 = __fmul_rn(xs, rcp);
+  float r = rintf(q0);
+  if (fabsf(fabsf(q0 - r) - 0.5f) <= fabsf(q0) * 9.5367431640625e-7f)  // 2^-20 |q0|
+    r = rintf(__fdiv_rn(xs, scale));
+  return max(-127, min(127, (int)r));
+}
 
 template <typename T>
 __global__ void __launch_bounds__(ACT_THREADS)
@@ -168,8 +181,8 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int t0 = blockIdx.x * ACT_TM;
   const int KCH = K / ACT_KC;
-  const int mt = warp % 2, ntp = warp / 2;     // this warp's m16 tile and pair of rank n8 tiles
-  const int arow = tid / 8, acol = (tid % 8) * 8;  // absmax: 8 consecutive k of one row per chunk
+  const int ntp = warp;                        // this warp's pair of rank n8 tiles
+  const int arow = tid / 16, acol = (tid % 16) * 4;  // absmax: 4 consecutive k of one row per chunk
   float am = 0.f;
 
   const int nchunks = R == 0 ? 1 : (R + ACT_RCHUNK - 1) / ACT_RCHUNK;
@@ -180,17 +193,20 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     auto load = [&](int stage, int kc) {
       uint8_t* s = sm + stage * ACT_STAGE;
       const int kb = kc * ACT_KC;
-      {  // x: 32 rows x 8 chunks of 16 bytes = 256 copies, one per thread
+      if (tid < ACT_TM * 8) {  // x: 16 rows x 8 chunks of 16 bytes = 128 copies
         const int row = tid / 8, ch = tid % 8;
         const bool ok = t0 + row < M;
         const T* src = x + (size_t)(ok ? t0 + row : 0) * K + kb + ch * 8;
         cp_async16(s + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
       }
-      if (rcount > 0) {  // down: 32 rows x 8 chunks = 256 copies, one per thread
-        const int row = tid / 8, ch = tid % 8;
-        const bool ok = row < rcount;
-        const T* src = down + (size_t)(ok ? r0 + row : 0) * K + kb + ch * 8;
-        cp_async16(s + ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
+      if (rcount > 0) {  // down: 64 rows x 8 chunks = 512 copies, two per thread
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int c = tid + i * ACT_THREADS, row = c / 8, ch = c % 8;
+          const bool ok = row < rcount;
+          const T* src = down + (size_t)(ok ? r0 + row : 0) * K + kb + ch * 8;
+          cp_async16(s + ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
+        }
       }
       if (rc == 0 && tid < ACT_KC / 4)  // inv_smooth for the absmax: 16 copies
         cp_async16(s + ACT_XB + ACT_DB + tid * 16, inv_smooth + kb + tid * 4, 16);
@@ -212,21 +228,20 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
       const uint8_t* s = sm + (kc % ACT_STAGES) * ACT_STAGE;
       if (rc == 0) {
         // xs = x * inv_smooth in fp32, as the reference; rows past M were zero-filled
-        const uint4 v = *reinterpret_cast<const uint4*>(
-            s + arow * 128 + (((acol / 8) ^ (arow & 7)) * 16));
+        const uint2 v = *reinterpret_cast<const uint2*>(
+            s + arow * 128 + (((acol / 8) ^ (arow & 7)) * 16) + (acol % 8) * 2);
         const float4 s0 = *reinterpret_cast<const float4*>(s + ACT_XB + ACT_DB + acol * 4);
-        const float4 s1 = *reinterpret_cast<const float4*>(s + ACT_XB + ACT_DB + acol * 4 + 16);
         const T* pv = reinterpret_cast<const T*>(&v);
-        const float smv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+        const float smv[4] = {s0.x, s0.y, s0.z, s0.w};
 #pragma unroll
-        for (int e = 0; e < 8; ++e) am = fmaxf(am, fabsf(__fmul_rn(F16<T>::to_f(pv[e]), smv[e])));
+        for (int e = 0; e < 4; ++e) am = fmaxf(am, fabsf(__fmul_rn(F16<T>::to_f(pv[e]), smv[e])));
       }
       if (do_mma) {
 #pragma unroll
         for (int k16 = 0; k16 < ACT_KC / 16; ++k16) {
           uint32_t a[4], b[4];
           {
-            const int row = mt * 16 + (lane % 16), ch = 2 * k16 + lane / 16;
+            const int row = lane % 16, ch = 2 * k16 + lane / 16;
             ldmatrix_x4(a[0], a[1], a[2], a[3], s + row * 128 + ((ch ^ (row & 7)) * 16));
           }
           {
@@ -247,7 +262,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
         const float rs0 = rank_scale[r], rs1 = rank_scale[r + 1];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int t = t0 + mt * 16 + g + 8 * hh;
+          const int t = t0 + g + 8 * hh;
           if (t < M) {
             T pr[2] = {F16<T>::from_f(__fmul_rn(acc[j][2 * hh], rs0)),
                        F16<T>::from_f(__fmul_rn(acc[j][2 * hh + 1], rs1))};
@@ -258,11 +273,12 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     }
   }
 
-  // per-token absmax: 8 consecutive lanes share a row
+  // per-token absmax: 16 consecutive lanes share a row
   am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
   am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
   am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 4));
-  if (tid % 8 == 0) {
+  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 8));
+  if (tid % 16 == 0) {
     const float scale = __fdiv_rn(am, 127.f);
     amax_s[arow] = scale;
     if (t0 + arow < M) sx[t0 + arow] = scale;
@@ -274,6 +290,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     const int t = t0 + row;
     if (t >= M) break;
     const float scale = amax_s[row];
+    const float rcp = scale > 0.f ? 1.f / scale : 0.f;
     const T* xr = x + (size_t)t * K;
     int8_t* cr = codes + (size_t)t * K;
     int sum = 0;
@@ -288,9 +305,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
       int c[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float xs = __fmul_rn(F16<T>::to_f(pv[e]), smv[e]);
-        int ci = 0;
-        if (scale > 0.f) ci = max(-127, min(127, __float2int_rn(__fdiv_rn(xs, scale))));
+        const int ci = quantize8(__fmul_rn(F16<T>::to_f(pv[e]), smv[e]), scale, rcp);
         c[e] = ci;
         sum += ci;
       }
