@@ -22,8 +22,3 @@ def gen():
     import zlib
     seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode())
     return torch.Generator().manual_seed(seed)
-
-
-def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())

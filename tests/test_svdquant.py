@@ -5,7 +5,7 @@ import torch
 import svdq
 from svdq import quant
 from svdq.svdquant import QuantConfig, _Problem, search_smoothing, svdquant_weight
-from conftest import rel_err
+from numerics import rel_err
 
 
 def outlier_layer(gen, k=1024, n=1024, frac=0.01):
