@@ -181,6 +181,10 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int t0 = blockIdx.x * ACT_TM;
   const int KCH = K / ACT_KC;
+  // Blocks start at different k-chunks (and wrap around) so that the 100s of blocks in flight
+  // do not all read the same down / inv_smooth lines at once. The fp32 sum order then depends on
+  // the block index: fixed for a given M, so results stay identical run to run.
+  const int kshift = (blockIdx.x * 5) % KCH;
   const int ntp = warp;                        // this warp's pair of rank n8 tiles
   const int arow = tid / 16, acol = (tid % 16) * 4;  // absmax: 4 consecutive k of one row per chunk
   float am = 0.f;
@@ -192,7 +196,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     const bool do_mma = ntp * 16 < rcount;       // R is a multiple of 16: both n8 tiles valid
     auto load = [&](int stage, int kc) {
       uint8_t* s = sm + stage * ACT_STAGE;
-      const int kb = kc * ACT_KC;
+      const int kb = ((kc + kshift) % KCH) * ACT_KC;  // staggered start, see kshift
       if (tid < ACT_TM * 8) {  // x: 16 rows x 8 chunks of 16 bytes = 128 copies
         const int row = tid / 8, ch = tid % 8;
         const bool ok = t0 + row < M;
@@ -350,11 +354,15 @@ constexpr int GEMM_SMEM = STAGES * STAGE_BYTES;  // 99328, under the 99 KB of sm
 constexpr int OUT_STRIDE = BN + 8;  // epilogue staging row (16-bit elements), padded by 16 bytes
 static_assert(BT * OUT_STRIDE * 2 <= GEMM_SMEM, "epilogue staging must fit the pipeline smem");
 
-// MINB = CTAs per SM the register budget is cut for: 2 (128 registers, 16 warps per SM, but
-// the compiler then serializes ldmatrix and MMA) or 1 (up to 255 registers, 8 warps per SM,
-// fragments of the next k32 step loaded ahead). bench/linear.py times both.
-template <typename T, int MINB>
-__global__ void __launch_bounds__(GEMM_THREADS, MINB)
+// Register budget: 2 CTAs per SM (128 registers, 16 warps). One CTA per SM with up to 255
+// registers (the compiler then batches ldmatrix ahead of the MMAs) measured 10% slower on the
+// H200 (bench/NOTES.md, run 3).
+// STAGGER: CTAs start their k loop at different k-tiles (wrapping around), so that the CTAs in
+// flight do not read the same activation / weight lines at the same moment. Integer
+// accumulation is exact, so the result is bitwise the same either way. bench/linear.py times
+// both (variants 0 and 1).
+template <typename T, bool STAGGER>
+__global__ void __launch_bounds__(GEMM_THREADS, 2)
 gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
             const int* __restrict__ sumq, const uint8_t* __restrict__ qweight,
             const int8_t* __restrict__ multT, const float* __restrict__ row_scale,
@@ -369,6 +377,7 @@ gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
   // ---- producer: one k-tile into one stage (all threads) ----
   auto load_stage = [&](int stage, int kt) {
     uint8_t* s = smem + stage * STAGE_BYTES;
+    if (STAGGER) kt = (kt + blockIdx.x + 3 * blockIdx.y) % KT;
     const int kbase = kt * BK;
 #pragma unroll
     for (int i = 0; i < (BT * BK / 16) / GEMM_THREADS; ++i) {  // 4 chunks of activations
@@ -555,18 +564,18 @@ int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smoot
   return (int)cudaGetLastError();
 }
 
-template <typename T, int MINB>
+template <typename T, bool STAGGER>
 static int launch_gemm(const int8_t* codes, const float* sx, const int* sumq,
                        const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                        const void* act, const void* up, int R, const void* bias, void* y, int M,
                        int N, int K, cudaStream_t stream) {
   // the attribute is per function and device; setting it every call is cheap and avoids a
   // per-device cache
-  cudaError_t e = cudaFuncSetAttribute(svdq::gemm_kernel<T, MINB>,
+  cudaError_t e = cudaFuncSetAttribute(svdq::gemm_kernel<T, STAGGER>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, svdq::GEMM_SMEM);
   if (e != cudaSuccess) return (int)e;
   dim3 grid((N + svdq::BN - 1) / svdq::BN, (M + svdq::BT - 1) / svdq::BT);
-  svdq::gemm_kernel<T, MINB><<<grid, svdq::GEMM_THREADS, svdq::GEMM_SMEM, stream>>>(
+  svdq::gemm_kernel<T, STAGGER><<<grid, svdq::GEMM_THREADS, svdq::GEMM_SMEM, stream>>>(
       codes, sx, sumq, qweight, multT, row_scale, (const T*)act, (const T*)up, R, (const T*)bias,
       (T*)y, M, N, K);
   return (int)cudaGetLastError();
@@ -579,7 +588,7 @@ int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const 
   if (M == 0 || N == 0) return 0;
 #define SVDQ_LAUNCH(TT, MB) \
   launch_gemm<TT, MB>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y, M, N, K, stream)
-  if (fp16) return variant == 1 ? SVDQ_LAUNCH(__half, 1) : SVDQ_LAUNCH(__half, 2);
-  return variant == 1 ? SVDQ_LAUNCH(__nv_bfloat16, 1) : SVDQ_LAUNCH(__nv_bfloat16, 2);
+  if (fp16) return variant == 1 ? SVDQ_LAUNCH(__half, true) : SVDQ_LAUNCH(__half, false);
+  return variant == 1 ? SVDQ_LAUNCH(__nv_bfloat16, true) : SVDQ_LAUNCH(__nv_bfloat16, false);
 #undef SVDQ_LAUNCH
 }

@@ -175,7 +175,7 @@ def test_deterministic_and_poison(gen):
     y2, p2 = cuda.run(layer, prep, x, return_parts=True)
     assert not torch.isnan(y1).any()
     assert torch.equal(y1, y2)
-    # the other register-budget variant of the GEMM computes the very same bits
+    # the staggered-k variant of the GEMM computes the very same bits
     other = CudaBackend()
     other.gemm_variant = 1 - cuda.gemm_variant
     assert torch.equal(other.run(layer, prep, x), y1)

@@ -49,7 +49,7 @@ def check_shape(in_features: int, out_features: int) -> None:
 
 class CudaBackend:
     name = "cuda"
-    # GEMM register budget: 0 = two CTAs per SM (128 registers), 1 = one CTA per SM (csrc/w4a8.cu)
+    # GEMM k-loop start: 0 = every CTA at k = 0, 1 = staggered per CTA (csrc/w4a8.cu, same bits)
     gemm_variant = int(os.environ.get("SVDQ_GEMM_VARIANT", "0"))
 
     def available(self, device):
