@@ -103,8 +103,10 @@ def main():
             act = torch.empty(m, 32, dtype=torch.bfloat16, device="cuda")
             down, up = pr["down"][torch.bfloat16], pr["up"][torch.bfloat16]
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-            t["act32"] = bench(lambda: ext.act_quant(x, pr["inv_smooth"], down, pr["rank_scale"],
-                                                     codes, sx, sq, act))
+            for v in (0, 1):
+                t[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
+                    x, pr["inv_smooth"], down, pr["rank_scale"], codes, sx, sq, act, v))
+            t["act32"] = t[f"act32v{be.act_variant}"]
             ext.act_quant(x, pr["inv_smooth"], down, pr["rank_scale"], codes, sx, sq, act)
             for v in (0, 1):
                 t[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
@@ -116,7 +118,8 @@ def main():
             r = rows[-1]
             print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
                 f"{key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF" for key in
-                ("bf16", "fp8", "r0", "r32", "act32", "gemm32v0", "gemm32v1")), flush=True)
+                ("bf16", "fp8", "r0", "r32", "act32v0", "act32v1", "gemm32v0", "gemm32v1")),
+                flush=True)
         del w, w8, layers, preps
         torch.cuda.empty_cache()
 
@@ -141,6 +144,9 @@ def main():
         print(f"geomean x bf16 at M={m}: fp8+q {gm('fp8'):.2f}  ours r0 {gm('r0'):.2f}  "
               f"ours r32 {gm('r32'):.2f}  (gemm alone r32: variant 0 {gm('gemm32v0'):.2f}, "
               f"variant 1 {gm('gemm32v1'):.2f}; layer uses variant {be.gemm_variant})")
+        print(f"  activation kernel r32, mean ms at M={m}: variant 0 (16 tokens/block) "
+              f"{sum(r['act32v0'] for r in sel) / len(sel):.4f}, variant 1 (8 tokens/block) "
+              f"{sum(r['act32v1'] for r in sel) / len(sel):.4f}; layer uses {be.act_variant}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "mem": mem}, fh, indent=1)

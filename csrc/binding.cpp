@@ -7,7 +7,7 @@
 
 int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smooth, const void* down,
                   const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq, void* act,
-                  cudaStream_t stream);
+                  int variant, cudaStream_t stream);
 int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
@@ -35,7 +35,7 @@ static void check_rc(int rc, const char* what) {
 // act x.dtype [M,R].
 void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
                torch::Tensor rank_scale, torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq,
-               torch::Tensor act) {
+               torch::Tensor act, int64_t variant) {
   TORCH_CHECK(x.dim() == 2, "svdq act_quant: x must be 2-D [M, K]");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: x must be bfloat16 or float16, got ",
@@ -60,7 +60,7 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
   check_rc(svdq_w4a8_act(x.data_ptr(), dt == at::kHalf, (int)M, (int)K,
                          inv_smooth.data_ptr<float>(), R ? down.data_ptr() : nullptr,
                          rank_scale.data_ptr<float>(), (int)R, codes.data_ptr<int8_t>(),
-                         sx.data_ptr<float>(), sumq.data_ptr<int>(), act.data_ptr(),
+                         sx.data_ptr<float>(), sumq.data_ptr<int>(), act.data_ptr(), (int)variant,
                          c10::cuda::getCurrentCUDAStream().stream()),
            "w4a8 activation kernel");
 }
@@ -108,7 +108,9 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SVDQuant W4A8 kernels (csrc/w4a8.cu)";
-  m.def("act_quant", &act_quant, "activation kernel: low-rank down + smooth + int8 per token");
+  m.def("act_quant", &act_quant, "activation kernel: low-rank down + smooth + int8 per token",
+        py::arg("x"), py::arg("inv_smooth"), py::arg("down"), py::arg("rank_scale"),
+        py::arg("codes"), py::arg("sx"), py::arg("sumq"), py::arg("act"), py::arg("variant") = 0);
   m.def("gemm", &gemm, "W4A8 GEMM with fused low-rank up and bias", py::arg("codes"),
         py::arg("sx"), py::arg("sumq"), py::arg("qweight"), py::arg("multT"), py::arg("row_scale"),
         py::arg("act"), py::arg("up"), py::arg("bias"), py::arg("y"), py::arg("variant") = 0);

@@ -147,13 +147,15 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 //   C (quantize): warp w quantizes rows w, w+8: 16-byte loads (the re-read of the block's rows
 //     hits L2), code = rint(xs / scale) exactly as the IEEE quotient would round (see
 //     quantize8), stored in the permuted order P(j); the code sum comes from a warp reduction.
-constexpr int ACT_TM = 16;
+// TM = tokens per block: 16 (one full m16 tile) or 8 (rows 8..15 of the m16 tile are zeros:
+// the wasted MMA work is negligible, and twice the blocks hide more latency). Launcher variant
+// 0 = 16, 1 = 8; bench/linear.py times both.
 constexpr int ACT_WARPS = 8;
 constexpr int ACT_THREADS = ACT_WARPS * 32;
 constexpr int ACT_RCHUNK = 64;
 constexpr int ACT_KC = 64;                     // k per chunk: 128-byte rows of 16-bit values
 constexpr int ACT_STAGES = 4;
-constexpr int ACT_XB = ACT_TM * ACT_KC * 2;    // 2 KB of x per stage
+constexpr int ACT_XB = 16 * ACT_KC * 2;        // 2 KB of x per stage (16 rows, always)
 constexpr int ACT_DB = ACT_RCHUNK * ACT_KC * 2;  // 8 KB of down per stage
 constexpr int ACT_STAGE = ACT_XB + ACT_DB + ACT_KC * 4;  // + inv_smooth chunk
 
@@ -170,24 +172,32 @@ __device__ __forceinline__ int quantize8(float xs, float scale, float rcp) {
   return max(-127, min(127, (int)r));
 }
 
-template <typename T>
+template <typename T, int TM>
 __global__ void __launch_bounds__(ACT_THREADS)
 act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const T* __restrict__ down,
            const float* __restrict__ rank_scale, int M, int K, int R, int8_t* __restrict__ codes,
            float* __restrict__ sx, int* __restrict__ sumq, T* __restrict__ act) {
   __shared__ __align__(128) uint8_t sm[ACT_STAGES * ACT_STAGE];
-  __shared__ float amax_s[ACT_TM];
+  __shared__ float amax_s[16];
+  static_assert(TM == 8 || TM == 16, "TM is 8 or 16");
+  constexpr int EPT = TM / 4;        // absmax: elements per thread and chunk (TM*64 / 256)
+  constexpr int LPR = ACT_KC / EPT;  // lanes per row
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int t0 = blockIdx.x * ACT_TM;
+  const int t0 = blockIdx.x * TM;
   const int KCH = K / ACT_KC;
   // Blocks start at different k-chunks (and wrap around) so that the 100s of blocks in flight
   // do not all read the same down / inv_smooth lines at once. The fp32 sum order then depends on
   // the block index: fixed for a given M, so results stay identical run to run.
   const int kshift = (blockIdx.x * 5) % KCH;
   const int ntp = warp;                        // this warp's pair of rank n8 tiles
-  const int arow = tid / 16, acol = (tid % 16) * 4;  // absmax: 4 consecutive k of one row per chunk
+  const int arow = tid / LPR, acol = (tid % LPR) * EPT;  // absmax: EPT consecutive k of a row
   float am = 0.f;
+  if constexpr (TM < 16) {  // rows TM..15 of every stage's x tile stay zero (never copied to)
+    const int row = TM + tid / 8 % (16 - TM), ch = tid % 8, st = tid / (8 * (16 - TM));
+    if (st < ACT_STAGES)
+      *reinterpret_cast<uint4*>(sm + st * ACT_STAGE + row * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
+  }
 
   const int nchunks = R == 0 ? 1 : (R + ACT_RCHUNK - 1) / ACT_RCHUNK;
   for (int rc = 0; rc < nchunks; ++rc) {
@@ -197,7 +207,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     auto load = [&](int stage, int kc) {
       uint8_t* s = sm + stage * ACT_STAGE;
       const int kb = ((kc + kshift) % KCH) * ACT_KC;  // staggered start, see kshift
-      if (tid < ACT_TM * 8) {  // x: 16 rows x 8 chunks of 16 bytes = 128 copies
+      if (tid < TM * 8) {  // x: TM rows x 8 chunks of 16 bytes
         const int row = tid / 8, ch = tid % 8;
         const bool ok = t0 + row < M;
         const T* src = x + (size_t)(ok ? t0 + row : 0) * K + kb + ch * 8;
@@ -232,13 +242,11 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
       const uint8_t* s = sm + (kc % ACT_STAGES) * ACT_STAGE;
       if (rc == 0) {
         // xs = x * inv_smooth in fp32, as the reference; rows past M were zero-filled
-        const uint2 v = *reinterpret_cast<const uint2*>(
+        const T* pv = reinterpret_cast<const T*>(
             s + arow * 128 + (((acol / 8) ^ (arow & 7)) * 16) + (acol % 8) * 2);
-        const float4 s0 = *reinterpret_cast<const float4*>(s + ACT_XB + ACT_DB + acol * 4);
-        const T* pv = reinterpret_cast<const T*>(&v);
-        const float smv[4] = {s0.x, s0.y, s0.z, s0.w};
+        const float* ps = reinterpret_cast<const float*>(s + ACT_XB + ACT_DB) + acol;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) am = fmaxf(am, fabsf(__fmul_rn(F16<T>::to_f(pv[e]), smv[e])));
+        for (int e = 0; e < EPT; ++e) am = fmaxf(am, fabsf(__fmul_rn(F16<T>::to_f(pv[e]), ps[e])));
       }
       if (do_mma) {
 #pragma unroll
@@ -267,7 +275,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int t = t0 + g + 8 * hh;
-          if (t < M) {
+          if (t < M && g + 8 * hh < TM) {
             T pr[2] = {F16<T>::from_f(__fmul_rn(acc[j][2 * hh], rs0)),
                        F16<T>::from_f(__fmul_rn(acc[j][2 * hh + 1], rs1))};
             *reinterpret_cast<uint32_t*>(act + (size_t)t * R + r) = *reinterpret_cast<uint32_t*>(pr);
@@ -277,12 +285,10 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     }
   }
 
-  // per-token absmax: 16 consecutive lanes share a row
-  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
-  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
-  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 4));
-  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 8));
-  if (tid % 16 == 0) {
+  // per-token absmax: LPR consecutive lanes share a row
+#pragma unroll
+  for (int o = 1; o < LPR; o <<= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+  if (tid % LPR == 0) {
     const float scale = __fdiv_rn(am, 127.f);
     amax_s[arow] = scale;
     if (t0 + arow < M) sx[t0 + arow] = scale;
@@ -290,7 +296,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   __syncthreads();
 
   // phase C: quantize, one warp per row
-  for (int row = warp; row < ACT_TM; row += ACT_WARPS) {
+  for (int row = warp; row < TM; row += ACT_WARPS) {
     const int t = t0 + row;
     if (t >= M) break;
     const float scale = amax_s[row];
@@ -548,19 +554,26 @@ gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
 // =============================================================================================
 // Host launchers (no torch): the binding validates shapes; these return a cudaError_t.
 // =============================================================================================
+template <typename T, int TM>
+static void launch_act(const void* x, int M, int K, const float* inv_smooth, const void* down,
+                       const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq,
+                       void* act, cudaStream_t stream) {
+  svdq::act_kernel<T, TM><<<(M + TM - 1) / TM, svdq::ACT_THREADS, 0, stream>>>(
+      (const T*)x, inv_smooth, (const T*)down, rank_scale, M, K, R, codes, sx, sumq, (T*)act);
+}
+
 int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smooth, const void* down,
                   const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq, void* act,
-                  cudaStream_t stream) {
+                  int variant, cudaStream_t stream) {
   if (M == 0) return 0;
-  dim3 grid((M + svdq::ACT_TM - 1) / svdq::ACT_TM);
-  if (fp16)
-    svdq::act_kernel<__half><<<grid, svdq::ACT_THREADS, 0, stream>>>(
-        (const __half*)x, inv_smooth, (const __half*)down, rank_scale, M, K, R, codes, sx, sumq,
-        (__half*)act);
-  else
-    svdq::act_kernel<__nv_bfloat16><<<grid, svdq::ACT_THREADS, 0, stream>>>(
-        (const __nv_bfloat16*)x, inv_smooth, (const __nv_bfloat16*)down, rank_scale, M, K, R, codes,
-        sx, sumq, (__nv_bfloat16*)act);
+#define SVDQ_ACT(TT, TM) \
+  launch_act<TT, TM>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx, sumq, act, stream)
+  if (fp16) {
+    if (variant == 1) SVDQ_ACT(__half, 8); else SVDQ_ACT(__half, 16);
+  } else {
+    if (variant == 1) SVDQ_ACT(__nv_bfloat16, 8); else SVDQ_ACT(__nv_bfloat16, 16);
+  }
+#undef SVDQ_ACT
   return (int)cudaGetLastError();
 }
 

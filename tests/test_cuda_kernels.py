@@ -128,11 +128,13 @@ def test_ranks(gen, m, k, n, rank, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rank", [0, 48, 112])
 @pytest.mark.parametrize("m,k", [(1, 64), (333, 3072), (17, 15360), (40, 704)])
-def test_activation_kernel(gen, m, k, rank, dtype):
+@pytest.mark.parametrize("variant", [0, 1], ids=["tm16", "tm8"])
+def test_activation_kernel(gen, m, k, rank, dtype, variant):
     """Codes, scales and code sums exactly as quant.quantize_act; branch activation to 1 ulp."""
     from svdq import quant, reference
     from svdq.backends.cuda import act_perm
     cuda, _ = _backends()
+    cuda.act_variant = variant
     layer = make_layer(gen, k, 64, rank, dtype)
     x = make_x(gen, m, k, dtype)
     x[0, :] = 0 if m > 3 else x[0, :]                                   # a zero token (scale 0)
@@ -179,6 +181,14 @@ def test_deterministic_and_poison(gen):
     other = CudaBackend()
     other.gemm_variant = 1 - cuda.gemm_variant
     assert torch.equal(other.run(layer, prep, x), y1)
+    # the other activation-kernel block size: same codes, scales and sums; the branch sums run
+    # in another fp32 order, so it is held to the reference like any output
+    other = CudaBackend()
+    other.act_variant = 1 - cuda.act_variant
+    y3, p3 = other.run(layer, prep, x, return_parts=True)
+    for a, b in zip(p1[:3], p3[:3]):
+        assert torch.equal(a, b)
+    check_close(y3, ref.forward(layer, ref.prepare(layer), x), dtype, layer=layer, x=x)
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
     check_close(y1, ref.forward(layer, ref.prepare(layer), x), dtype, layer=layer, x=x)

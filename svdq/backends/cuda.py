@@ -51,6 +51,8 @@ class CudaBackend:
     name = "cuda"
     # GEMM k-loop start: 0 = every CTA at k = 0, 1 = staggered per CTA (csrc/w4a8.cu, same bits)
     gemm_variant = int(os.environ.get("SVDQ_GEMM_VARIANT", "0"))
+    # activation kernel tokens per block: 0 = 16, 1 = 8 (csrc/w4a8.cu)
+    act_variant = int(os.environ.get("SVDQ_ACT_VARIANT", "0"))
 
     def available(self, device):
         device = torch.device(device) if device is not None else torch.device("cuda")
@@ -128,7 +130,8 @@ class CudaBackend:
         sx = torch.empty(m, dtype=torch.float32, device=dev)
         sumq = torch.empty(m, dtype=torch.int32, device=dev)
         act = torch.empty(m, r16, dtype=dt, device=dev)
-        ext.act_quant(x, prep["inv_smooth"], down, prep["rank_scale"], codes, sx, sumq, act)
+        ext.act_quant(x, prep["inv_smooth"], down, prep["rank_scale"], codes, sx, sumq, act,
+                      self.act_variant)
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
         ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
