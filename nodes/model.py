@@ -58,8 +58,8 @@ def _model_config(cfg: FluxConfig, dtype, ops):
     return mc
 
 
-def _check_load(path, missing, unexpected):
-    missing = [k for k in missing if not k.endswith("lora_placeholder")]
+def _check_load(path, missing, unexpected, stand_ins=()):
+    missing = [k for k in missing if k not in stand_ins]
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not match the FLUX model its header describes "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}); the file is "
@@ -90,7 +90,7 @@ def load(path: str, device="default", dtype="bfloat16", backend="auto"):
             parent, attr = name.rsplit(".", 1)
             setattr(dm.get_submodule(parent), attr, layer)
         missing, unexpected = dm.load_state_dict(ckpt.tensors, strict=False)
-        _check_load(path, missing, unexpected)
+        _check_load(path, missing, unexpected, {f"{n}.weight" for n in ckpt.layers})
         log.info("SVDQuant: %s: %d 4-bit layers, backend %s", os.path.basename(path),
                  len(ckpt.layers), be.name)
     elif "model_config" in meta:
@@ -142,8 +142,43 @@ class LoraState:
         self.loras = tuple(loras)   # ((key, converted: {layer: (down, up)}, strength), ...)
 
     def __call__(self, executor, *args, **kwargs):
-        apply(executor.class_obj, self.loras)
+        dm = executor.class_obj
+        apply(dm, self.loras + stock_loras(dm))
         return executor(*args, **kwargs)
+
+
+def stock_loras(dm) -> tuple:
+    """LoRA patches that ComfyUI's own loaders (LoraLoaderModelOnly) put on the 4-bit layers'
+    stand-in weights, as low-rank entries like SVDQ LoRA's. The patcher that runs is the one
+    ComfyUI marked current in pre_run; its patches are per clone, like ours."""
+    base = dm.__dict__.get("_svdq_base")
+    patcher = getattr(base() if base else None, "current_patcher", None)
+    if patcher is None or not patcher.patches:
+        return ()
+    key = (id(patcher), patcher.patches_uuid)
+    cached = dm.__dict__.get("_svdq_stock")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layers = quantized_layers(dm)
+    out = []
+    for name, layer in layers.items():
+        for i, p in enumerate(patcher.patches.get(f"diffusion_model.{name}.weight", ())):
+            strength, adapter, strength_model, offset, function = p
+            w = getattr(adapter, "weights", None)
+            if getattr(adapter, "name", None) != "lora" or w[3] is not None or \
+                    w[4] is not None or function is not None or strength_model != 1.0:
+                raise ValueError(
+                    f"{name}: this kind of model patch ({getattr(adapter, 'name', type(adapter))})"
+                    f" cannot run on a 4-bit SVDQuant layer. Fix: use plain LoRAs, through SVDQ "
+                    f"LoRA or Load LoRA")
+            up, down = w[0].float(), w[1].float()
+            scale = (float(w[2]) / down.shape[0]) if w[2] is not None else 1.0
+            start, length = (offset[1], offset[2]) if offset else (0, layer.out_features)
+            full_up = torch.zeros(layer.out_features, down.shape[0])
+            full_up[start:start + length] = up * scale
+            out.append((f"stock:{id(adapter)}", {name: (down, full_up)}, float(strength)))
+    dm.__dict__["_svdq_stock"] = (key, tuple(out))
+    return tuple(out)
 
 
 def apply(dm, loras) -> None:
@@ -187,6 +222,9 @@ def _move_buffers(patcher, device_to, *args, **kwargs):
 
 
 def _install(patcher) -> None:
+    import weakref
+    # plain attribute, not a submodule: the diffusion model must not own its parent
+    patcher.model.diffusion_model.__dict__["_svdq_base"] = weakref.ref(patcher.model)
     set_state(patcher, LoraState())
     patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, WRAPPER_KEY,
                                   _move_buffers)

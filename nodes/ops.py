@@ -46,6 +46,11 @@ class SVDQOpsLinear(SVDQLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.side = []          # [(name, down [r,K], up [N,r], scale)] for w4a16 layers
+        # An empty stand-in for the 16-bit weight: its state_dict key lets ComfyUI's own LoRA
+        # loader find this layer (ModelPatcher.add_patches accepts only existing keys). It is a
+        # buffer, so ComfyUI never patches it; nodes/model.py routes those patches into the
+        # low-rank branch instead. Zero elements, so the model's size stays the packed size.
+        self.register_buffer("weight", torch.zeros(0, dtype=self.wscales.dtype))
 
     def set_loras(self, segments):
         if self.kind == "w4a4":

@@ -254,6 +254,20 @@ def test_two_loras_match_stock_lora_on_the_16bit_model(comfy, quantized):
     assert e4 < QUANT_BOUND and e4 < 0.3 * effect
 
 
+def test_stock_lora_loader_works_on_the_4bit_model(comfy, quantized):
+    """ComfyUI's own LoraLoaderModelOnly on an SVDQuant model: its patches on the 4-bit layers
+    run in the low-rank branch, like SVDQ LoRA's."""
+    oracle, _ = latent(comfy, _lora_graph(DEV16, (1.0, 0.8), stock=True))
+    ours4, _ = latent(comfy, _lora_graph(DEV4, (1.0, 0.8)))
+    stock4, _ = latent(comfy, _lora_graph(DEV4, (1.0, 0.8), stock=True))
+    print(f"stock LoRA loader on 4-bit vs SVDQ LoRA: {rel(stock4, ours4):.2e}; vs 16-bit "
+          f"oracle {rel(stock4, oracle):.4f}")
+    plain4, _ = latent(comfy, graph("flux1-dev-svdq", SVDQuantModelLoader={"model_name": DEV4}))
+    assert rel(stock4, plain4) > 0.2     # the LoRAs did reach the 4-bit layers
+    assert rel(stock4, ours4) < 1e-2     # same branch matrices, so equal here
+    assert rel(stock4, oracle) < QUANT_BOUND
+
+
 def test_lora_strength_zero_and_clones_stay_independent(comfy, quantized):
     plain, _ = latent(comfy, graph("flux1-dev-svdq", SVDQuantModelLoader={"model_name": DEV4}))
     one, _ = latent(comfy, _lora_graph(DEV4, (1.0, 0.8)))
