@@ -161,15 +161,25 @@ constexpr int ACT_STAGE = ACT_XB + ACT_DB + ACT_KC * 4;  // + inv_smooth chunk
 
 // rint(xs / scale) as IEEE division then round-half-even would give, without dividing in the
 // common case: q0 = xs * (1/scale) is within 2^-22 |q| of the correctly rounded quotient, so
-// rint(q0) is the same integer unless q0 lies within that distance of a half-integer; those
-// (about 1 in 10^5) take the exact __fdiv_rn path. The test is 4x wider than the error bound.
-__device__ __forceinline__ int quantize8(float xs, float scale, float rcp) {
-  if (!(scale > 0.f)) return 0;
-  const float q0 = __fmul_rn(xs, rcp);
-  float r = rintf(q0);
-  if (fabsf(fabsf(q0 - r) - 0.5f) <= fabsf(q0) * 9.5367431640625e-7f)  // 2^-20 |q0|
-    r = rintf(__fdiv_rn(xs, scale));
-  return max(-127, min(127, (int)r));
+// rint(q0) is the same integer unless q0 lies within that distance of a half-integer. A group
+// of 8 values with such a value anywhere (rare on real data) is redone with __fdiv_rn; one
+// branch per 8 values keeps the common path short. The test is 4x wider than the error bound.
+// scale == 0 (an all-zero token) gives rcp = 0, q0 = 0, codes 0, and never the slow path.
+__device__ __forceinline__ void quantize8x8(const float xs[8], float scale, float rcp, int c[8]) {
+  float r[8];
+  bool hazard = false;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const float q0 = __fmul_rn(xs[e], rcp);
+    r[e] = rintf(q0);
+    hazard |= fabsf(fabsf(q0 - r[e]) - 0.5f) <= fabsf(q0) * 9.5367431640625e-7f;  // 2^-20 |q0|
+  }
+  if (hazard) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) r[e] = rintf(__fdiv_rn(xs[e], scale));
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) c[e] = max(-127, min(127, (int)r[e]));
 }
 
 template <typename T, int TM>
@@ -186,10 +196,12 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int t0 = blockIdx.x * TM;
   const int KCH = K / ACT_KC;
-  // Blocks start at different k-chunks (and wrap around) so that the 100s of blocks in flight
-  // do not all read the same down / inv_smooth lines at once. The fp32 sum order then depends on
-  // the block index: fixed for a given M, so results stay identical run to run.
-  const int kshift = (blockIdx.x * 5) % KCH;
+  // The loop below is issue-bound at low occupancy (bench/NOTES.md, runs 5-7), so every copy's
+  // source pointer, destination and size are computed once, outside it; a chunk adds kb.
+  const int xrow = tid / 8, xch = tid % 8;
+  const bool xok = t0 + xrow < M;
+  const T* xsrc = x + (size_t)(xok ? t0 + xrow : 0) * K + xch * 8;
+  const int xdst = xrow * 128 + ((xch ^ (xrow & 7)) * 16);
   const int ntp = warp;                        // this warp's pair of rank n8 tiles
   const int arow = tid / LPR, acol = (tid % LPR) * EPT;  // absmax: EPT consecutive k of a row
   float am = 0.f;
@@ -204,24 +216,24 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     const int r0 = rc * ACT_RCHUNK;
     const int rcount = min(ACT_RCHUNK, R - r0);  // ranks in this chunk (0 when R == 0)
     const bool do_mma = ntp * 16 < rcount;       // R is a multiple of 16: both n8 tiles valid
+    // down: 64 rows x 8 chunks of 16 bytes, two copies per thread; only rows < rcount exist
+    const T* dsrc[2];
+    int ddst[2];
+    bool dok[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * ACT_THREADS, row = c / 8, ch = c % 8;
+      dok[i] = row < rcount;
+      dsrc[i] = down + (size_t)(dok[i] ? r0 + row : 0) * K + ch * 8;
+      ddst[i] = ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16);
+    }
     auto load = [&](int stage, int kc) {
       uint8_t* s = sm + stage * ACT_STAGE;
-      const int kb = ((kc + kshift) % KCH) * ACT_KC;  // staggered start, see kshift
-      if (tid < TM * 8) {  // x: TM rows x 8 chunks of 16 bytes
-        const int row = tid / 8, ch = tid % 8;
-        const bool ok = t0 + row < M;
-        const T* src = x + (size_t)(ok ? t0 + row : 0) * K + kb + ch * 8;
-        cp_async16(s + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
-      }
-      if (rcount > 0) {  // down: 64 rows x 8 chunks = 512 copies, two per thread
+      const int kb = kc * ACT_KC;
+      if (tid < TM * 8) cp_async16(s + xdst, xsrc + kb, xok ? 16 : 0);  // x: TM rows
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int c = tid + i * ACT_THREADS, row = c / 8, ch = c % 8;
-          const bool ok = row < rcount;
-          const T* src = down + (size_t)(ok ? r0 + row : 0) * K + kb + ch * 8;
-          cp_async16(s + ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16), src, ok ? 16 : 0);
-        }
-      }
+      for (int i = 0; i < 2; ++i)
+        if (dok[i]) cp_async16(s + ddst[i], dsrc[i] + kb, 16);
       if (rc == 0 && tid < ACT_KC / 4)  // inv_smooth for the absmax: 16 copies
         cp_async16(s + ACT_XB + ACT_DB + tid * 16, inv_smooth + kb + tid * 4, 16);
     };
@@ -300,7 +312,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     const int t = t0 + row;
     if (t >= M) break;
     const float scale = amax_s[row];
-    const float rcp = scale > 0.f ? 1.f / scale : 0.f;
+    const float rcp = scale > 0.f ? 1.f / scale : 0.f;  // any rounding: see quantize8x8
     const T* xr = x + (size_t)t * K;
     int8_t* cr = codes + (size_t)t * K;
     int sum = 0;
@@ -312,13 +324,13 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
       const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + j0 + 4);
       const T* pv = reinterpret_cast<const T*>(&v);
       const float smv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-      int c[8];
+      float xs[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int ci = quantize8(__fmul_rn(F16<T>::to_f(pv[e]), smv[e]), scale, rcp);
-        c[e] = ci;
-        sum += ci;
-      }
+      for (int e = 0; e < 8; ++e) xs[e] = __fmul_rn(F16<T>::to_f(pv[e]), smv[e]);
+      int c[8];
+      quantize8x8(xs, scale, rcp, c);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += c[e];
       // natural j0..j0+7 share (tq, s); even e -> half 0 at byte e/2, odd e -> half 1.
       const int jj = j0 & 63, base = j0 - jj;
       const int tqq = jj / 16, s = (jj / 8) & 1;
