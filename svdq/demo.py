@@ -224,9 +224,13 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
+                status, raw = r.status, r.read()
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            status, raw = e.code, e.read()
+        try:
+            return status, json.loads(raw or b"{}")
+        except ValueError:      # some routes (/interrupt) answer with an empty or text body
+            return status, {"text": raw.decode(errors="replace")}
 
     def run(self, graph: dict, timeout: float = 300) -> dict:
         """Queue an API-format graph and wait for its /history entry (success or error)."""

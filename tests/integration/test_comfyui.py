@@ -6,7 +6,7 @@ Models are tiny random FLUX-architecture files written here (1 double + 1 single
 FLUX text encoders / VAE swapped for random CLIP-L and taef1 stand-ins (svdq.demo).
 """
 import json
-import os
+import time
 import uuid
 
 import pytest
@@ -286,6 +286,28 @@ def test_lora_strength_zero_and_clones_stay_independent(comfy, quantized):
     one_again, _ = latent(comfy, g)
     assert rel(again, plain) < 1e-3
     assert rel(one_again, one) < 1e-3
+
+
+def test_quantize_honours_interrupt(comfy, models):
+    g = graph("flux1-quantize-checkpoint", SVDQuantModelLoader={"model_name": DEV16},
+              SVDQuantQuantizeCheckpoint={"output_name": "interrupted", "steps": 100,
+                                          "resolution": 256})
+    status, body = comfy.post("/prompt", {"prompt": g})
+    assert status == 200, body
+    pid = body["prompt_id"]
+    deadline = time.time() + 60
+    while time.time() < deadline and not comfy.get("/queue")["queue_running"]:
+        time.sleep(0.05)
+    time.sleep(1.0)     # inside the 100 calibration steps (several seconds here)
+    comfy.post("/interrupt", {})
+    while time.time() < deadline:
+        h = comfy.get(f"/history/{pid}")
+        if pid in h and h[pid]["status"].get("completed") is not None:
+            break
+        time.sleep(0.2)
+    events = [ev for ev, _ in h[pid]["status"]["messages"]]
+    assert "execution_interrupted" in events, events
+    assert not (models / "svdq" / "interrupted.safetensors").exists()
 
 
 # -- errors: named file, a fix, and ComfyUI keeps serving -------------------------------------
