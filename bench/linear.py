@@ -106,7 +106,8 @@ def main():
             for v in (0, 1):
                 t[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
                     x, pr["inv_smooth"], down, pr["rank_scale"], codes, sx, sq, act, v))
-            t["act32"] = t[f"act32v{be.act_variant}"]
+            av = be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)
+            t["act32"] = t[f"act32v{av}"]
             ext.act_quant(x, pr["inv_smooth"], down, pr["rank_scale"], codes, sx, sq, act)
             for v in (0, 1):
                 t[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
@@ -146,7 +147,8 @@ def main():
               f"variant 1 {gm('gemm32v1'):.2f}; layer uses variant {be.gemm_variant})")
         print(f"  activation kernel r32, mean ms at M={m}: variant 0 (16 tokens/block) "
               f"{sum(r['act32v0'] for r in sel) / len(sel):.4f}, variant 1 (8 tokens/block) "
-              f"{sum(r['act32v1'] for r in sel) / len(sel):.4f}; layer uses {be.act_variant}")
+              f"{sum(r['act32v1'] for r in sel) / len(sel):.4f}; layer uses "
+              f"{be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "mem": mem}, fh, indent=1)

@@ -51,8 +51,11 @@ class CudaBackend:
     name = "cuda"
     # GEMM k-loop start: 0 = every CTA at k = 0, 1 = staggered per CTA (csrc/w4a8.cu, same bits)
     gemm_variant = int(os.environ.get("SVDQ_GEMM_VARIANT", "0"))
-    # activation kernel tokens per block: 0 = 16, 1 = 8 (csrc/w4a8.cu)
-    act_variant = int(os.environ.get("SVDQ_ACT_VARIANT", "0"))
+    # activation kernel tokens per block: 0 = 16, 1 = 8 (csrc/w4a8.cu); None = by token count:
+    # 8-token blocks win below ~2k tokens (more blocks in flight), 16 above (bench/NOTES.md)
+    act_variant = (int(os.environ["SVDQ_ACT_VARIANT"]) if os.environ.get("SVDQ_ACT_VARIANT")
+                   else None)
+    ACT_SMALL_M = 2048
 
     def available(self, device):
         device = torch.device(device) if device is not None else torch.device("cuda")
@@ -130,8 +133,8 @@ class CudaBackend:
         sx = torch.empty(m, dtype=torch.float32, device=dev)
         sumq = torch.empty(m, dtype=torch.int32, device=dev)
         act = torch.empty(m, r16, dtype=dt, device=dev)
-        ext.act_quant(x, prep["inv_smooth"], down, prep["rank_scale"], codes, sx, sumq, act,
-                      self.act_variant)
+        av = self.act_variant if self.act_variant is not None else int(m <= self.ACT_SMALL_M)
+        ext.act_quant(x, prep["inv_smooth"], down, prep["rank_scale"], codes, sx, sumq, act, av)
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
         ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
