@@ -244,7 +244,8 @@ def test_two_loras_match_stock_lora_on_the_16bit_model(comfy, quantized):
     base, _ = latent(comfy, graph("flux1-dev-svdq", SVDQuantModelLoader={"model_name": DEV16}))
     oracle, _ = latent(comfy, _lora_graph(DEV16, (1.0, 0.8), stock=True))
     ours16, _ = latent(comfy, _lora_graph(DEV16, (1.0, 0.8)))
-    ours4, _ = latent(comfy, _lora_graph(DEV4, (1.0, 0.8)))
+    ours4, entry = latent(comfy, _lora_graph(DEV4, (1.0, 0.8)))
+    assert comfy.output_files(entry)[0].stat().st_size > 0     # the workflow's image
     effect = rel(oracle, base)
     e16, e4 = rel(ours16, oracle), rel(ours4, oracle)
     print(f"LoRA effect {effect:.4f}; SVDQ LoRA on 16-bit vs stock {e16:.5f}; "
