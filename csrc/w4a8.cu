@@ -2,9 +2,10 @@
 // with the 16-bit low-rank branch fused into both kernels.
 //
 // Two launches per linear layer:
-//   1. svdq_w4a8_act   reads x once per pass, computes the low-rank activation
-//                      (x . down^T) * rank_scale in fp32 on 16-bit tensor cores, and quantizes
-//                      x * inv_smooth per token to int8 (svdq/quant.py quantize_act, exactly).
+//   1. svdq_w4a8_act   computes the low-rank activation (x . down^T) * rank_scale in fp32 on
+//                      16-bit tensor cores and quantizes x * inv_smooth per token to int8
+//                      (svdq/quant.py quantize_act, exactly); x is read from DRAM once and
+//                      re-read from L2 once.
 //   2. svdq_w4a8_gemm  y = float(acc) * (sx[t] * row_scale[n]) + act . up^T + bias, where acc is
 //                      the exact int32 sum over k of q_x[t,k] * code[n,k] * mult[n,k/64].
 //
@@ -134,7 +135,7 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 // =============================================================================================
 // 1. Activation kernel
 // =============================================================================================
-// One block = ACT_TM = 16 tokens (one m16 tile) x all of K, 8 warps. Phases:
+// One block = TM (16, or 8 for small M) tokens x all of K, 8 warps. Phases:
 //   B (branch + absmax): the block streams x[16 x K], down[64 ranks x K] and inv_smooth
 //     through shared memory in k-chunks of 64 (4-stage cp.async pipeline, 16-byte copies, rows
 //     beyond M or the rank zero-filled). Warp w owns the rank n8 tiles 2w, 2w+1 over the whole
@@ -143,7 +144,8 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 //     of |x * inv_smooth| over row i/16, columns 4*(i%16)..+3 of every chunk. Ranks beyond 64
 //     take further passes over x (LoRA-extended branches only; the re-reads mostly hit L2).
 //     Small blocks on purpose: ncu showed the 32-token version latency-bound at ~1 block and
-//     9 warps per SM (65 us for 4608 x 3072, DRAM 10% busy).
+//     9 warps per SM (65 us for 4608 x 3072, DRAM 10% busy). It is still issue-bound at ~2
+//     blocks per SM (47 us against a 10 us memory floor): bench/NOTES.md has the next steps.
 //   C (quantize): warp w quantizes rows w, w+8: 16-byte loads (the re-read of the block's rows
 //     hits L2), code = rint(xs / scale) exactly as the IEEE quotient would round (see
 //     quantize8), stored in the permuted order P(j); the code sum comes from a warp reduction.
@@ -307,7 +309,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   }
   __syncthreads();
 
-  // phase C: quantize, one warp per row
+  // phase C: quantize, one warp per row (rows warp, warp + 8)
   for (int row = warp; row < TM; row += ACT_WARPS) {
     const int t = t0 + row;
     if (t >= M) break;
