@@ -96,6 +96,9 @@ class QuantizeCheckpoint:
     def quantize(self, model, conditioning, steps, seed, resolution, rank, output_name,
                  overwrite):
         path = output_path(output_name, overwrite)    # fail before any long work
+        if svdq_model.quantized_layers(model.model.diffusion_model):
+            raise ValueError("Quantize Checkpoint: the MODEL is already a 4-bit SVDQuant model. "
+                             "Fix: connect the 16-bit FLUX model (Load Diffusion Model) instead.")
         config = svdq_model.flux_config_of(model)
         names = list(svdq.layer_specs(config))
         t0 = time.time()

@@ -344,6 +344,11 @@ def test_errors_name_the_file_and_the_fix(comfy, quantized, models):
     assert DEV4 in msg and "overwrite" in msg, msg
     assert (models / "svdq" / DEV4).stat().st_mtime_ns == before
 
+    g = graph("flux1-quantize-checkpoint", SVDQuantModelLoader={"model_name": DEV4},
+              SVDQuantQuantizeCheckpoint={"output_name": "twice"})
+    msg = run_error(comfy, g)
+    assert "already a 4-bit" in msg and "Fix" in msg, msg
+
     # the server is still fine: a following prompt succeeds
     entry = run_ok(comfy, graph("flux1-dev-svdq", SVDQuantModelLoader={"model_name": DEV4},
                                 KSampler={"seed": 7}))
