@@ -51,10 +51,12 @@ def make_layer(k, n, rank, dtype=torch.bfloat16):
 def layer_bytes(layer, prep):
     """GPU bytes the layer holds, split into what the kernels read and the scales kept for the
     checkpoint/reference (wscales)."""
+    from svdq.backends.cuda import CudaBackend
+    br = CudaBackend._branch(layer, prep)
     t = [layer.qweight, layer.smooth, layer.lowrank_down, layer.lowrank_up, layer.bias,
-         prep["multT"], prep["row_scale"], prep["inv_smooth"], prep["rank_scale"]]
-    t += [v for v in prep["down"].values() if v.data_ptr() != layer.lowrank_down.data_ptr()]
-    t += [v for v in prep["up"].values() if v.data_ptr() != layer.lowrank_up.data_ptr()]
+         prep["multT"], prep["row_scale"], prep["inv_smooth"], br["rank_scale"]]
+    t += [v for v in br["down"].values() if v.data_ptr() != layer.lowrank_down.data_ptr()]
+    t += [v for v in br["up"].values() if v.data_ptr() != layer.lowrank_up.data_ptr()]
     kern = sum(x.numel() * x.element_size() for x in t if x is not None)
     return kern, layer.wscales.numel() * layer.wscales.element_size()
 
@@ -101,14 +103,15 @@ def main():
             sx = torch.empty(m, device="cuda")
             sq = torch.empty(m, dtype=torch.int32, device="cuda")
             act = torch.empty(m, 32, dtype=torch.bfloat16, device="cuda")
-            down, up = pr["down"][torch.bfloat16], pr["up"][torch.bfloat16]
+            br = be._branch(layers[32], pr)
+            down, up = br["down"][torch.bfloat16], br["up"][torch.bfloat16]
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             for v in (0, 1):
                 t[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
-                    x, pr["inv_smooth"], down, pr["rank_scale"], codes, sx, sq, act, v))
+                    x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act, v))
             av = be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)
             t["act32"] = t[f"act32v{av}"]
-            ext.act_quant(x, pr["inv_smooth"], down, pr["rank_scale"], codes, sx, sq, act)
+            ext.act_quant(x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act)
             for v in (0, 1):
                 t[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
                     codes, sx, sq, layers[32].qweight, pr["multT"], pr["row_scale"], act, up,

@@ -7,7 +7,9 @@ the buffers or the low-rank segments change.
 
 The low-rank branch is a list of segments: the SVD branch from quantization, then any LoRAs
 appended later. Each segment has a scale, applied to its columns of the branch activation, so a
-LoRA's strength changes without re-concatenating or repacking anything.
+LoRA's strength changes without re-concatenating or repacking anything. Backends derive state
+from the weights in `prepare` and read `branch()` on every call, so neither appending a segment
+nor changing a scale re-prepares the weights.
 """
 from __future__ import annotations
 
@@ -103,8 +105,7 @@ class SVDQLinear(nn.Module):
                                  f"{tuple(s.up.shape)} do not fit a {self.in_features}->"
                                  f"{self.out_features} layer")
         self.segments = segs
-        self._branch_cache = None
-        self.invalidate()
+        self._branch_cache = None        # backends read branch() per call: weights stay prepared
 
     def set_segment_scale(self, name: str, scale: float) -> None:
         for s in self.segments:
@@ -113,7 +114,6 @@ class SVDQLinear(nn.Module):
                 if self._branch_cache is not None:     # only the scale vector changes
                     d, u, _ = self._branch_cache
                     self._branch_cache = (d, u, self._rank_scale(d.device))
-                    self._prepared = None
                 return
         raise KeyError(f"no low-rank segment named {name!r}")
 

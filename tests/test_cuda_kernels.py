@@ -204,11 +204,14 @@ def test_lora_segments_odd_rank(gen):
     up = (torch.randn(n, 5, generator=gen) * 0.3).to(dtype).cuda()
     layer.set_lowrank_segments([("lora", down, up, 0.7)])
     x = make_x(gen, 333, k, dtype)
-    check_close(cuda.run(layer, cuda.prepare(layer), x), ref.forward(layer, ref.prepare(layer), x), dtype,
+    prep = cuda.prepare(layer)
+    check_close(cuda.run(layer, prep, x), ref.forward(layer, ref.prepare(layer), x), dtype,
                 layer=layer, x=x)
-    layer.set_segment_scale("lora", -1.5)
-    check_close(cuda.run(layer, cuda.prepare(layer), x), ref.forward(layer, ref.prepare(layer), x), dtype,
+    padded = prep["branch"]["down"]
+    layer.set_segment_scale("lora", -1.5)        # same prep: only the scale vector is rewritten
+    check_close(cuda.run(layer, prep, x), ref.forward(layer, ref.prepare(layer), x), dtype,
                 layer=layer, x=x)
+    assert prep["branch"]["down"] is padded
 
 
 def test_module_forward_and_registry(gen):

@@ -4,7 +4,10 @@ prepare(layer) derives, on the layer's GPU, the small tensors the kernels need b
 natural-layout 4-bit weights, which the GEMM reads as they are (no second copy of the weights):
   multT int8 [K/64, N] and row_scale fp32 [N]   the W4A8 scale fold (quant.fold_group_scales)
   inv_smooth fp32 [K]                           1 / smooth, as the reference computes it
-  down [R16, K], up [N, R16], rank_scale [R16]  the low-rank branch, zero-padded to R16 = ceil16(R)
+  bias in the compute dtype
+and, beside them, the low-rank branch zero-padded to R16 = ceil16(R) (down [R16, K], up [N, R16],
+rank_scale [R16]), kept until the layer's segments change (a strength change only rewrites
+rank_scale).
 forward(layer, prepared, x) runs the activation kernel, then the GEMM.
 w4a16 layers (adaLN modulation, GEMV-like) and fp32 inputs use the reference math.
 """
@@ -89,25 +92,45 @@ class CudaBackend:
             codes = quant.unpack_int4(layer.qweight)      # transient int8 [N, K], freed below
             row_scale, mult = quant.fold_group_scales(codes, layer.wscales)
             del codes
-            down, up, rank_scale = layer.branch()
-            r = down.shape[0]
-            r16 = _ceil16(r)
-            dt = layer.lowrank_down.dtype
+        return {
+            "multT": mult.t().contiguous(),
+            "row_scale": row_scale.float().contiguous(),
+            "inv_smooth": (1.0 / layer.smooth.float()).contiguous(),
+            "bias": {} if layer.bias is None else {layer.bias.dtype: layer.bias.contiguous()},
+            "branch": None,
+        }
+
+    @staticmethod
+    def _branch(layer, prep):
+        """The low-rank branch zero-padded to R16, cached in `prep` until it changes.
+
+        Weight-derived state (the fold) never depends on it, so appending a LoRA or changing a
+        strength touches only this: a new scale vector reuses the padded down/up.
+        """
+        down, up, rank_scale = layer.branch()
+        cached = prep["branch"]
+        if cached is not None and cached["src"][0] is down and cached["src"][1] is up:
+            if cached["src"][2] is not rank_scale:
+                cached["rank_scale"][:rank_scale.shape[0]] = rank_scale.float()
+                cached["src"] = (down, up, rank_scale)
+            return cached
+        n, k = layer.out_features, layer.in_features
+        r, dev, dt = down.shape[0], down.device, layer.lowrank_down.dtype
+        r16 = _ceil16(r)
+        with torch.no_grad():
             if r16 != r or not down.is_contiguous() or not up.is_contiguous():
                 d = torch.zeros(r16, k, dtype=dt, device=dev)
                 d[:r] = down
                 u = torch.zeros(n, r16, dtype=dt, device=dev)
                 u[:, :r] = up
-                down, up = d, u
+                down_p, up_p = d, u
+            else:
+                down_p, up_p = down, up
             rs = torch.zeros(r16, dtype=torch.float32, device=dev)
             rs[:r] = rank_scale.float()
-        return {
-            "multT": mult.t().contiguous(),
-            "row_scale": row_scale.float().contiguous(),
-            "inv_smooth": (1.0 / layer.smooth.float()).contiguous(),
-            "down": {dt: down}, "up": {dt: up}, "rank_scale": rs,
-            "bias": {} if layer.bias is None else {layer.bias.dtype: layer.bias.contiguous()},
-        }
+        prep["branch"] = {"src": (down, up, rank_scale), "down": {dt: down_p}, "up": {dt: up_p},
+                          "rank_scale": rs}
+        return prep["branch"]
 
     @staticmethod
     def _as(cache: dict, dtype):
@@ -125,8 +148,9 @@ class CudaBackend:
         m, k = x.shape
         n = layer.out_features
         dt = x.dtype
-        down = self._as(prep["down"], dt)
-        up = self._as(prep["up"], dt)
+        br = self._branch(layer, prep)
+        down = self._as(br["down"], dt)
+        up = self._as(br["up"], dt)
         r16 = down.shape[0]
         dev = x.device
         codes = torch.empty(m, k, dtype=torch.int8, device=dev)
@@ -134,7 +158,7 @@ class CudaBackend:
         sumq = torch.empty(m, dtype=torch.int32, device=dev)
         act = torch.empty(m, r16, dtype=dt, device=dev)
         av = self.act_variant if self.act_variant is not None else int(m <= self.ACT_SMALL_M)
-        ext.act_quant(x, prep["inv_smooth"], down, prep["rank_scale"], codes, sx, sumq, act, av)
+        ext.act_quant(x, prep["inv_smooth"], down, br["rank_scale"], codes, sx, sumq, act, av)
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
         ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
