@@ -22,3 +22,27 @@ def gen():
     import zlib
     seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode())
     return torch.Generator().manual_seed(seed)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def comfyui_host():
+    """The ComfyUI host: $COMFYUI_PATH, the custom_nodes folder around this checkout, or
+    ../shared/comfyui. Missing under CI is a failure; elsewhere the test skips with the reason."""
+    from svdq import demo
+    try:
+        host = demo.find_comfyui()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
+    if host is None:
+        msg = ("no ComfyUI host: set COMFYUI_PATH, or check this repo out into "
+               "<ComfyUI>/custom_nodes, or next to shared/comfyui")
+        if _in_ci():
+            pytest.fail(msg + " (CI=true: a missing host is a failure)")
+        pytest.skip(msg)
+    return host
+
+

@@ -2,7 +2,7 @@
 
 The host is found through $COMFYUI_PATH, the custom_nodes folder this checkout sits in, or
 <repo>/../shared/comfyui. Under CI (CI=true) a missing host fails the run; elsewhere the tests
-skip with the reason.
+skip with the reason (the `comfyui_host` fixture in tests/conftest.py).
 """
 import os
 from pathlib import Path
@@ -12,25 +12,6 @@ import pytest
 from svdq import demo
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-@pytest.fixture(scope="session")
-def comfyui_host():
-    try:
-        host = demo.find_comfyui()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
-    if host is None:
-        msg = ("no ComfyUI host: set COMFYUI_PATH, or check this repo out into "
-               "<ComfyUI>/custom_nodes, or next to shared/comfyui")
-        if _in_ci():
-            pytest.fail(msg + " (CI=true: a missing host is a failure)")
-        pytest.skip(msg)
-    return host
 
 
 @pytest.fixture(scope="session")
