@@ -124,7 +124,7 @@ class QuantizeCheckpoint:
                                      progress=progress, should_stop=should_stop)
         svdq.save_checkpoint(path, tensors, config,
                              quant_config=svdq.QuantConfig(rank=rank).to_dict(),
-                             layers=svdq.layer_flags(config, False), overwrite=overwrite)
+                             overwrite=overwrite)
         log.info("SVDQuant: wrote %s in %.1f s", path, time.time() - t0)
         dtype = "float16" if model.model.get_dtype() == torch.float16 else "bfloat16"
         return (svdq_model.load(path, "default", dtype, "auto"),)

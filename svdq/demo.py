@@ -322,7 +322,7 @@ def run_library_only(work: Path, steps: int, size: int, seed: int = 42) -> Path:
     a plain view of three latent channels (there is no VAE without a host)."""
     import torch
     from PIL import Image
-    from . import ActivationRecorder, layer_flags, layer_specs, quantize_flux, save_checkpoint
+    from . import ActivationRecorder, layer_specs, quantize_flux, save_checkpoint
     from . import QuantConfig, load_checkpoint
     from .flux_model import FluxModel
     from .synthetic import random_flux_state_dict, random_inputs
@@ -354,8 +354,7 @@ def run_library_only(work: Path, steps: int, size: int, seed: int = 42) -> Path:
 
     tensors = quantize_flux(sd, cfg, calib=rec.result(), progress=progress)
     path = work / "models" / "svdq" / "demo-flux-tiny-svdq.safetensors"
-    save_checkpoint(path, tensors, cfg, quant_config=QuantConfig().to_dict(),
-                    layers=layer_flags(cfg, False), overwrite=True)
+    save_checkpoint(path, tensors, cfg, quant_config=QuantConfig().to_dict(), overwrite=True)
     _say(f"wrote {path}")
     q = FluxModel.from_checkpoint(load_checkpoint(path))
     lat = sample(q)

@@ -40,19 +40,19 @@ class Checkpoint:
 
 
 def save_checkpoint(path, tensors: dict, config: FluxConfig, quant_config: dict | None = None,
-                    layers: dict | None = None, overwrite: bool = False) -> str:
+                    overwrite: bool = False) -> str:
     """Write atomically: a temporary file in the same folder, then a rename.
 
-    An existing file is kept unless overwrite=True. `layers` (name -> LayerSpec) defaults to
-    the FLUX layer map of `config`, with act_unsigned where quant_config's gelu_shift was used.
+    An existing file is kept unless overwrite=True. The header's layer list is the FLUX layer
+    map of `config`, with act_unsigned where quant_config's gelu_shift was used (as
+    quantize_flux quantized those layers).
     """
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or ask to overwrite")
     config.validate()
-    if layers is None:
-        from .model import layer_flags
-        layers = layer_flags(config, bool((quant_config or {}).get("gelu_shift", False)))
+    from .model import layer_flags
+    layers = layer_flags(config, bool((quant_config or {}).get("gelu_shift", False)))
     meta = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
