@@ -1,4 +1,5 @@
-// Thin pybind11 binding for csrc/w4a8.cu: checks tensors, then calls the plain launchers.
+// Thin pybind11 binding for csrc/w4a8.cu and csrc/dequant_w4.cu: checks tensors, then calls the
+// plain launchers.
 // All shape rules live here (and in docs/kernels.md); the kernels trust them.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,6 +13,9 @@ int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const 
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
                    int variant, cudaStream_t stream);
+
+int svdq_dequant_w4(const uint8_t* qweight, const float* scales, void* w, int N, int K, bool fp16,
+                    cudaStream_t stream);
 
 static constexpr int64_t MAX_K = 65536;  // int32 accumulator bound: K * 240 * 127 < 2^31
 
@@ -106,13 +110,39 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
            "w4a8 GEMM kernel");
 }
 
+// w [N,K] (bf16/fp16) = code * scale for weight-only layers. qweight uint8 [N, K/2] natural
+// layout, scales fp32 [N, K/64].
+void dequant_w4(torch::Tensor qweight, torch::Tensor scales, torch::Tensor w) {
+  const auto dt = w.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq dequant_w4: w must be bfloat16 or "
+              "float16, got ", dt);
+  CHECK_T(qweight, at::kByte, "qweight");
+  CHECK_T(scales, at::kFloat, "scales");
+  CHECK_T(w, dt, "w");
+  TORCH_CHECK(w.dim() == 2 && qweight.dim() == 2, "svdq dequant_w4: 2-D tensors expected");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K > 0 && K % 64 == 0, "svdq dequant_w4: in_features K=", K,
+              " must be a positive multiple of 64");
+  TORCH_CHECK(qweight.size(0) == N && qweight.size(1) * 2 == K && scales.numel() == N * (K / 64),
+              "svdq dequant_w4: qweight [", qweight.size(0), ", ", qweight.size(1),
+              "] and scales do not match w [", N, ", ", K, "]");
+  TORCH_CHECK(N * K < (1LL << 40), "svdq dequant_w4: weight too large");
+  const c10::cuda::CUDAGuard guard(w.device());
+  check_rc(svdq_dequant_w4(qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), w.data_ptr(),
+                           (int)N, (int)K, dt == at::kHalf,
+                           c10::cuda::getCurrentCUDAStream().stream()),
+           "w4 dequantize kernel");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "SVDQuant W4A8 kernels (csrc/w4a8.cu)";
+  m.doc() = "SVDQuant kernels (csrc/w4a8.cu, csrc/dequant_w4.cu)";
   m.def("act_quant", &act_quant, "activation kernel: low-rank down + smooth + int8 per token",
         py::arg("x"), py::arg("inv_smooth"), py::arg("down"), py::arg("rank_scale"),
         py::arg("codes"), py::arg("sx"), py::arg("sumq"), py::arg("act"), py::arg("variant") = 0);
   m.def("gemm", &gemm, "W4A8 GEMM with fused low-rank up and bias", py::arg("codes"),
         py::arg("sx"), py::arg("sumq"), py::arg("qweight"), py::arg("multT"), py::arg("row_scale"),
         py::arg("act"), py::arg("up"), py::arg("bias"), py::arg("y"), py::arg("variant") = 0);
+  m.def("dequant_w4", &dequant_w4, "weight-only 4-bit layers: codes * scale to 16 bits",
+        py::arg("qweight"), py::arg("scales"), py::arg("w"));
   m.attr("MAX_K") = MAX_K;
 }

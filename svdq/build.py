@@ -26,7 +26,7 @@ log = logging.getLogger("svdq")
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-SOURCES = ("w4a8.cu", "binding.cpp")
+SOURCES = ("w4a8.cu", "dequant_w4.cu", "binding.cpp")
 _module = None
 _error: str | None = None
 

@@ -99,6 +99,8 @@ def w4a4_main(x: torch.Tensor, inv_smooth: torch.Tensor, codes: torch.Tensor,
 
 
 def w4a16_main(x: torch.Tensor, codes: torch.Tensor, wscales: torch.Tensor) -> torch.Tensor:
-    """Weight-only 4-bit (adaLN modulation): the dequantized weight times the 16-bit input."""
+    """Weight-only 4-bit (adaLN modulation): the weight dequantized and rounded to the input's
+    dtype (as the fused path writes it for its 16-bit GEMM), times the input, fp32 sums."""
+    w = quant.dequantize_weight(codes, wscales).to(x.dtype)
     with _no_tf32():
-        return x.float() @ quant.dequantize_weight(codes, wscales).t()
+        return x.float() @ w.float().t()

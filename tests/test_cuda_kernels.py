@@ -239,3 +239,39 @@ def test_rejects_bad_shapes(gen, k, n):
     layer = SVDQLinear(k, n, rank=0, device="cuda")
     with pytest.raises(ValueError, match="multiple of|at most"):
         CudaBackend().prepare(layer)
+
+
+# -- weight-only layers (adaLN modulation): csrc/dequant_w4.cu ---------------------------------
+@pytest.mark.parametrize("n,k", [(18432, 3072), (8, 64), (24, 192), (1000, 15360)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequant_w4_bitwise(gen, n, k, dtype):
+    """code * scale is exact in fp32, so the kernel's one rounding to 16 bits must equal the
+    reference's bit for bit; a NaN-poisoned output must be overwritten everywhere."""
+    from svdq import build, quant
+    codes = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    scales = ((torch.randn(n, k // 64, generator=gen) * 0.7).exp() * 0.02).to(torch.bfloat16)
+    w = torch.full((n, k), float("nan"), dtype=dtype, device="cuda")
+    build.load().dequant_w4(quant.pack_int4(codes).cuda(), scales.float().cuda(), w)
+    assert torch.equal(w.cpu(), quant.dequantize_weight(codes, scales).to(dtype))
+
+
+@pytest.mark.parametrize("m", [1, 2, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w4a16_layer_matches_reference(gen, m, dtype):
+    from svdq import quant
+    from svdq.linear import SVDQLinear
+    cuda, ref = _backends()
+    k, n = 3072, 9216
+    layer = SVDQLinear(k, n, kind="w4a16", device="cuda", dtype=dtype)
+    with torch.no_grad():
+        layer.qweight.copy_(quant.pack_int4(torch.randint(-8, 8, (n, k), generator=gen)).cuda())
+        layer.wscales.copy_((torch.rand(n, k // 64, generator=gen) * 0.01 + 1e-3).cuda())
+        layer.bias.copy_((torch.randn(n, generator=gen) * 0.1).to(dtype).cuda())
+    x = make_x(gen, m, k, dtype)
+    prep = cuda.prepare(layer)
+    y = cuda.forward(layer, prep, x)
+    assert torch.equal(y, cuda.forward(layer, prep, x))
+    e = rel_err(y, ref.forward(layer, ref.prepare(layer), x))
+    print(f"[w4a16] {m}x{k}->{n} {dtype}: rel err {e:.2e}")
+    # the same 16-bit weight on both sides; fp32 sums in another order, one output rounding
+    assert e < NORM_TOL[dtype]

@@ -9,7 +9,8 @@ and, beside them, the low-rank branch zero-padded to R16 = ceil16(R) (down [R16,
 rank_scale [R16]), kept until the layer's segments change (a strength change only rewrites
 rank_scale).
 forward(layer, prepared, x) runs the activation kernel, then the GEMM.
-w4a16 layers (adaLN modulation, GEMV-like) and fp32 inputs use the reference math.
+w4a16 layers (adaLN modulation, GEMV-like) dequantize to 16 bits in one kernel pass, then
+cuBLAS; fp32 inputs use the reference math.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class CudaBackend:
 
     def prepare(self, layer):
         if layer.kind == "w4a16":
-            return {}
+            return {"wscales": layer.wscales.float().contiguous(),
+                    "bias": {} if layer.bias is None else {layer.bias.dtype: layer.bias}}
         n, k = layer.out_features, layer.in_features
         check_shape(k, n)
         dev = layer.qweight.device
@@ -167,9 +169,20 @@ class CudaBackend:
             return y, (codes, sx, sumq, act)
         return y
 
+    def dequant_w4(self, layer, prep, dtype):
+        """The weight-only layer's weight in `dtype`, one pass (csrc/dequant_w4.cu)."""
+        w = torch.empty(layer.out_features, layer.in_features, dtype=dtype,
+                        device=layer.qweight.device)
+        _build.load().dequant_w4(layer.qweight, prep["wscales"], w)
+        return w
+
     def forward(self, layer, prep, x):
-        if layer.kind == "w4a16" or x.dtype not in (torch.bfloat16, torch.float16):
+        if x.dtype not in (torch.bfloat16, torch.float16):
             return _reference_forward(layer, x)
+        if layer.kind == "w4a16":
+            # a GEMV per sample: transient 16-bit weight, then cuBLAS (fp32 accumulation)
+            bias = self._as(prep["bias"], x.dtype) if prep["bias"] else None
+            return torch.nn.functional.linear(x, self.dequant_w4(layer, prep, x.dtype), bias)
         if x.shape[0] == 0:
             return torch.empty(0, layer.out_features, dtype=x.dtype, device=x.device)
         return self.run(layer, prep, x)
