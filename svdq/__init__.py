@@ -7,10 +7,10 @@ Public API (see README.md):
 """
 from .backends import select as select_backend
 from .calibrate import ActivationRecorder
-from .flux import FluxConfig, LayerSpec, dense_layers, layer_specs
+from .flux import FluxConfig, LayerSpec, dense_layers, layer_flags, layer_specs
 from .format import Checkpoint, CheckpointError, inspect_checkpoint, load_checkpoint, save_checkpoint
 from .linear import Segment, SVDQLinear
-from .model import layer_flags, quantize_flux
+from .model import quantize_flux
 from .quant import pack_int4, unpack_int4
 from .svdquant import QuantConfig, quantize_linear
 

@@ -119,6 +119,12 @@ def layer_specs(cfg: FluxConfig) -> dict:
     return specs
 
 
+def layer_flags(cfg: FluxConfig, gelu_shift: bool) -> dict:
+    """The layer map as a checkpoint stores it: act_unsigned only where the shift was used."""
+    return {n: dataclasses.replace(s, act_unsigned=s.act_unsigned and gelu_shift)
+            for n, s in layer_specs(cfg).items()}
+
+
 def dense_shapes(cfg: FluxConfig) -> dict:
     """The tensors that stay 16-bit: embedders, final layer, QK-norm scales. name -> shape."""
     h = cfg.hidden_size

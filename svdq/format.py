@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .flux import FAMILY, FluxConfig, LayerSpec, dense_shapes, layer_specs, quantized_shapes
+from .flux import (FAMILY, FluxConfig, LayerSpec, dense_layers, dense_shapes, layer_flags,
+                   layer_specs, quantized_shapes)
 
 FORMAT_NAME = "svdquant"
 FORMAT_VERSION = 1
@@ -51,7 +52,6 @@ def save_checkpoint(path, tensors: dict, config: FluxConfig, quant_config: dict 
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or ask to overwrite")
     config.validate()
-    from .model import layer_flags
     layers = layer_flags(config, bool((quant_config or {}).get("gelu_shift", False)))
     meta = {
         "format": FORMAT_NAME,
@@ -61,7 +61,7 @@ def save_checkpoint(path, tensors: dict, config: FluxConfig, quant_config: dict 
         "quant_config": json.dumps(quant_config or {}),
         "layers": json.dumps({n: {"kind": s.kind, "act_unsigned": s.act_unsigned}
                               for n, s in layers.items()}),
-        "unquantized": json.dumps(sorted({k.rsplit(".", 1)[0] for k in dense_shapes(config)})),
+        "unquantized": json.dumps(dense_layers(config)),
     }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

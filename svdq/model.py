@@ -82,10 +82,3 @@ def quantize_flux(state_dict: dict, config: FluxConfig, calib: dict | None = Non
             progress(i + 1, total, name)
     log.info("svdq: quantized %d layers in %.1f s", total, time.time() - t0)
     return out
-
-
-def layer_flags(config: FluxConfig, gelu_shift: bool) -> dict:
-    """The layer map as saved: act_unsigned holds only where the shift was used."""
-    from dataclasses import replace
-    return {n: replace(s, act_unsigned=s.act_unsigned and gelu_shift)
-            for n, s in layer_specs(config).items()}
