@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import quant
+from . import backends, quant
 
 KINDS = ("w4a4", "w4a16")
 
@@ -147,7 +147,6 @@ class SVDQLinear(nn.Module):
         return out
 
     def set_backend(self, backend) -> None:
-        from . import backends
         self.backend = backends.get(backend) if isinstance(backend, str) else backend
         self._prepared = None
 
@@ -158,7 +157,6 @@ class SVDQLinear(nn.Module):
         return self._prepared[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from . import backends
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SVDQLinear expects inputs with {self.in_features} features, got "
                              f"shape {tuple(x.shape)}")

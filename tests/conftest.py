@@ -16,6 +16,12 @@ os.symlink(os.path.join(ROOT, "svdq"), os.path.join(_LINKS, "svdq"))
 sys.path.insert(0, _LINKS)
 
 
+@pytest.fixture(scope="session")
+def svdq_path_dir():
+    """A folder holding only a link to svdq/: put it on a child process's path."""
+    return _LINKS
+
+
 @pytest.fixture
 def gen():
     """A fresh generator per test, seeded from the test's name: new data, reproducible runs."""

@@ -20,13 +20,9 @@ The share of bitwise-identical elements is printed for the notes, not asserted.
 import pytest
 import torch
 
-from numerics import rel_err
+from helpers import needs_cuda, rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU: the fused kernels run on the device machine"),
-]
+pytestmark = needs_cuda
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 NORM_TOL = {torch.bfloat16: 4e-3, torch.float16: 5e-4}

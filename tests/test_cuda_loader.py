@@ -9,16 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+from helpers import needs_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU: the fused kernels run on the device machine"),
-]
+pytestmark = needs_cuda
 
 SCRIPT = r"""
 import json, sys, torch
@@ -50,7 +45,7 @@ print(json.dumps(out))
 """
 
 
-def test_loader_runs_fused_backend_on_gpu(comfyui_host, tmp_path):
+def test_loader_runs_fused_backend_on_gpu(comfyui_host, svdq_path_dir, tmp_path):
     import svdq
     from svdq import synthetic
     cfg = svdq.FluxConfig.tiny()
@@ -58,11 +53,10 @@ def test_loader_runs_fused_backend_on_gpu(comfyui_host, tmp_path):
     ckpt = tmp_path / "tiny-svdq.safetensors"
     svdq.save_checkpoint(ckpt, svdq.quantize_flux(sd, cfg, None, rank=32, refine_iters=1), cfg,
                          svdq.QuantConfig(rank=32).to_dict())
-    pack, link = tmp_path / "pack", tmp_path / "link"
-    pack.mkdir(), link.mkdir()
-    os.symlink(REPO, pack / "svdquant_pack")
-    os.symlink(REPO / "svdq", link / "svdq")
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(comfyui_host), str(pack), str(link),
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    os.symlink(REPO, pack / "svdquant_pack")            # imported as a package, as ComfyUI does
+    res = subprocess.run([sys.executable, "-c", SCRIPT, str(comfyui_host), str(pack), svdq_path_dir,
                           str(ckpt)], capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -10,13 +10,9 @@ import torch
 import svdq
 from svdq import synthetic
 from svdq.flux_model import FluxModel
-from numerics import rel_err
+from helpers import needs_cuda, rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU: the fused kernels run on the device machine"),
-]
+pytestmark = needs_cuda
 
 
 @pytest.fixture(scope="module")

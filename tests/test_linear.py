@@ -4,7 +4,7 @@ import torch
 
 import svdq
 from svdq import quant, reference
-from numerics import rel_err
+from helpers import rel_err
 
 
 def make_layer(gen, k=192, n=80, rank=32, dtype=torch.float32):

@@ -5,7 +5,7 @@ import torch
 import svdq
 from svdq import synthetic
 from svdq.flux_model import FluxModel
-from numerics import rel_err
+from helpers import rel_err
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from svdq import quant
-from numerics import rel_err
+from helpers import rel_err
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (3, 10), (7, 130), (2, 3, 66)])

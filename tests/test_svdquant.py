@@ -1,11 +1,10 @@
 """SVDQuant of one layer: smoothing search, low-rank branch and refinement, accuracy vs naive."""
-import pytest
 import torch
 
 import svdq
 from svdq import quant
 from svdq.svdquant import QuantConfig, _Problem, search_smoothing, svdquant_weight
-from numerics import rel_err
+from helpers import rel_err
 
 
 def outlier_layer(gen, k=1024, n=1024, frac=0.01):
