@@ -21,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # svdq only; the bench never imports the ComfyUI nodes
 
+GEMM_VARIANTS = (1,)   # 1 mma.sync; 2 wgmma (Hopper builds)
 SHAPES = [("qkv", 3072, 9216), ("proj", 3072, 3072), ("mlp_fc1", 3072, 12288),
           ("mlp_fc2", 12288, 3072), ("single_in", 3072, 21504), ("single_out", 15360, 3072)]
 
@@ -74,6 +75,8 @@ def main():
     print(f"extension load: {time.perf_counter() - t0:.2f} s; {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
     be = CudaBackend()
+    global GEMM_VARIANTS
+    GEMM_VARIANTS = (1, 2) if build.load().WGMMA else (1,)
     torch.manual_seed(0)
     rows, mem = [], []
     for name, k, n in SHAPES:
@@ -112,17 +115,20 @@ def main():
             av = be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)
             t["act32"] = t[f"act32v{av}"]
             ext.act_quant(x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act)
-            for v in (0, 1):
+            for v in GEMM_VARIANTS:
                 t[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
                     codes, sx, sq, layers[32].qweight, pr["multT"], pr["row_scale"], act, up,
                     layers[32].bias, y, v))
-            t["gemm32"] = t[f"gemm32v{be.gemm_variant}"]
+            gv = be.gemm_variant_for(m, n, "cuda")
+            t["gemm32"] = t[f"gemm32v{gv}"]
+            t["gemm_variant"] = gv
             flop = 2.0 * m * n * k
             rows.append(dict(name=name, m=m, k=k, n=n, flop=flop, **t))
             r = rows[-1]
             print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
                 f"{key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF" for key in
-                ("bf16", "fp8", "r0", "r32", "act32v0", "act32v1", "gemm32v0", "gemm32v1")),
+                ("bf16", "fp8", "r0", "r32", "act32v0", "act32v1")
+                + tuple(f"gemm32v{v}" for v in GEMM_VARIANTS)) + f"  (layer gemm v{gv})",
                 flush=True)
         del w, w8, layers, preps
         torch.cuda.empty_cache()
@@ -146,8 +152,10 @@ def main():
         sel = [r for r in rows if r["m"] == m]
         gm = lambda key: math.exp(sum(math.log(r["bf16"] / r[key]) for r in sel) / len(sel))
         print(f"geomean x bf16 at M={m}: fp8+q {gm('fp8'):.2f}  ours r0 {gm('r0'):.2f}  "
-              f"ours r32 {gm('r32'):.2f}  (gemm alone r32: variant 0 {gm('gemm32v0'):.2f}, "
-              f"variant 1 {gm('gemm32v1'):.2f}; layer uses variant {be.gemm_variant})")
+              f"ours r32 {gm('r32'):.2f}  (gemm alone r32: "
+              + ", ".join(f"variant {v} {gm(f'gemm32v{v}'):.2f}" for v in GEMM_VARIANTS)
+              + f"; as the layer picks {gm('gemm32'):.2f}, variants "
+              + "/".join(str(r["gemm_variant"]) for r in sel) + ")")
         print(f"  activation kernel r32, mean ms at M={m}: variant 0 (16 tokens/block) "
               f"{sum(r['act32v0'] for r in sel) / len(sel):.4f}, variant 1 (8 tokens/block) "
               f"{sum(r['act32v1'] for r in sel) / len(sel):.4f}; layer uses "

@@ -1,5 +1,5 @@
-// Thin pybind11 binding for csrc/w4a8.cu and csrc/dequant_w4.cu: checks tensors, then calls the
-// plain launchers.
+// Thin pybind11 binding for csrc/w4a8.cu, csrc/w4a8_sm90.cu and csrc/dequant_w4.cu: checks
+// tensors, then calls the plain launchers.
 // All shape rules live here (and in docs/kernels.md); the kernels trust them.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
@@ -101,6 +101,12 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
     TORCH_CHECK(bias->numel() == N, "svdq gemm: bias must have N=", N, " elements");
     bptr = bias->data_ptr();
   }
+  TORCH_CHECK(variant == 1 || variant == 2, "svdq gemm: variant ", variant, " is not 1 (mma.sync) "
+              "or 2 (wgmma)");
+#ifndef SVDQ_SM90A
+  TORCH_CHECK(variant == 1, "svdq gemm: variant ", variant, " (wgmma) needs a Hopper GPU and an "
+              "extension built for sm_90a");
+#endif
   const c10::cuda::CUDAGuard guard(codes.device());
   check_rc(svdq_w4a8_gemm(codes.data_ptr<int8_t>(), sx.data_ptr<float>(), sumq.data_ptr<int>(),
                           qweight.data_ptr<uint8_t>(), multT.data_ptr<int8_t>(),
@@ -141,8 +147,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("codes"), py::arg("sx"), py::arg("sumq"), py::arg("act"), py::arg("variant") = 0);
   m.def("gemm", &gemm, "W4A8 GEMM with fused low-rank up and bias", py::arg("codes"),
         py::arg("sx"), py::arg("sumq"), py::arg("qweight"), py::arg("multT"), py::arg("row_scale"),
-        py::arg("act"), py::arg("up"), py::arg("bias"), py::arg("y"), py::arg("variant") = 0);
+        py::arg("act"), py::arg("up"), py::arg("bias"), py::arg("y"), py::arg("variant") = 1);
   m.def("dequant_w4", &dequant_w4, "weight-only 4-bit layers: codes * scale to 16 bits",
         py::arg("qweight"), py::arg("scales"), py::arg("w"));
   m.attr("MAX_K") = MAX_K;
+#ifdef SVDQ_SM90A
+  m.attr("WGMMA") = true;   // built for sm_90a: gemm variant 2 exists
+#else
+  m.attr("WGMMA") = false;
+#endif
 }

@@ -58,108 +58,37 @@
 // low-rank MMAs accumulate straight into the dequantized main result.
 // ---------------------------------------------------------------------------------------------
 
-#include <cuda_runtime.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace svdq {
-
-template <typename T> struct F16;
-template <> struct F16<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float f) { return __float2bfloat16_rn(f); }
-};
-template <> struct F16<__half> {
-  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_f(float f) { return __float2half_rn(f); }
-};
-
-// 16-bit MMA, fp32 accumulate: d = a*b + d.
-template <typename T> __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4],
-                                                               const uint32_t b[2]);
-template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float d[4], const uint32_t a[4],
-                                                                    const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <> __device__ __forceinline__ void mma16816<__half>(float d[4], const uint32_t a[4],
-                                                             const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// int8 MMA, unsigned A (widened weights + 128) x signed B (activation codes), int32 accumulate.
-__device__ __forceinline__ void mma_u8s8(int d[4], const uint32_t a[4], const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
-                                            const void* smem_ptr) {
-  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(a));
-}
-
-// cp.async with zero fill: src_bytes = 0 writes zeros (used for the K tail of a k-tile).
-__device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gptr, int src_bytes) {
-  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gptr),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async4(void* smem_ptr, const void* gptr, int src_bytes) {
-  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(gptr),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ uint32_t ld32(const void* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
 
 // =============================================================================================
 // 1. Activation kernel
 // =============================================================================================
 // One block = TM (16, or 8 for small M) tokens x all of K, 8 warps. Phases:
-//   B (branch + absmax): the block streams x[16 x K], down[64 ranks x K] and inv_smooth
-//     through shared memory in k-chunks of 64 (4-stage cp.async pipeline, 16-byte copies, rows
-//     beyond M or the rank zero-filled). Warp w owns the rank n8 tiles 2w, 2w+1 over the whole
-//     K, so its fp32 sums need no cross-warp reduction (deterministic, no atomics); fragments
-//     come from the swizzled tiles through ldmatrix. Meanwhile thread i keeps the running max
-//     of |x * inv_smooth| over row i/16, columns 4*(i%16)..+3 of every chunk. Ranks beyond 64
-//     take further passes over x (LoRA-extended branches only; the re-reads mostly hit L2).
-//     Small blocks on purpose: ncu showed the 32-token version latency-bound at ~1 block and
-//     9 warps per SM (65 us for 4608 x 3072, DRAM 10% busy). It is still issue-bound at ~2
-//     blocks per SM (47 us against a 10 us memory floor): bench/NOTES.md has the next steps.
+//   B (branch + absmax), straight from global memory into registers: no shared-memory staging,
+//     no barrier in the loop. Warp w takes the k-slices [32j, 32j + 32) with j = w mod 8 and
+//     computes x . down^T for its slices on the 16-bit tensor cores (m16n8k16: tokens = M side,
+//     ranks = N side, fp32). The order of k inside an MMA is free as long as A and B agree, so
+//     lane (g, tq) reads 16 bytes, k = 32j + 8tq .. +7, of token rows g and g+8 (A) and of rank
+//     rows g + 8n (B), and feeds elements 0-3 to the first k16 step (slots 2tq, 2tq+1, 8+2tq,
+//     9+2tq) and 4-7 to the second: every operand is one 16-byte load, no shuffles. The same x
+//     values give the running max of |x * inv_smooth| for the two rows. Ranks go 64 (8 n8 tiles)
+//     per pass; more than 64 (LoRA-extended branches) take further passes, which re-read x
+//     from L2. The eight warps' partial sums meet in shared memory and are added in warp order
+//     (deterministic, no atomics), then scaled by rank_scale and rounded once to T.
+//     Earlier versions staged x and down through shared memory in 64-wide k chunks with a
+//     block barrier per chunk: issue- and latency-bound at 47 us for 4608 x 3072 against a
+//     10 us memory floor (bench/NOTES.md, runs 1-8).
 //   C (quantize): warp w quantizes rows w, w+8: 16-byte loads (the re-read of the block's rows
-//     hits L2), code = rint(xs / scale) exactly as the IEEE quotient would round (see
-//     quantize8), stored in the permuted order P(j); the code sum comes from a warp reduction.
-// TM = tokens per block: 16 (one full m16 tile) or 8 (rows 8..15 of the m16 tile are zeros:
-// the wasted MMA work is negligible, and twice the blocks hide more latency). Launcher variant
-// 0 = 16, 1 = 8; bench/linear.py times both.
+//     hits L2 unless K is large), code = rint(xs / scale) exactly as the IEEE quotient would
+//     round (see quantize8x8), stored in the permuted order P(j); the code sum comes from a warp
+//     reduction.
+// TM = tokens per block: 16 (one full m16 tile) or 8 (rows 8..15 of the m16 tile are zeros and
+// never loaded: twice the blocks for small M). Launcher variant 0 = 16, 1 = 8.
 constexpr int ACT_WARPS = 8;
 constexpr int ACT_THREADS = ACT_WARPS * 32;
-constexpr int ACT_RCHUNK = 64;
-constexpr int ACT_KC = 64;                     // k per chunk: 128-byte rows of 16-bit values
-constexpr int ACT_STAGES = 4;
-constexpr int ACT_XB = 16 * ACT_KC * 2;        // 2 KB of x per stage (16 rows, always)
-constexpr int ACT_DB = ACT_RCHUNK * ACT_KC * 2;  // 8 KB of down per stage
-constexpr int ACT_STAGE = ACT_XB + ACT_DB + ACT_KC * 4;  // + inv_smooth chunk
+constexpr int ACT_RCHUNK = 64;   // ranks per pass: 8 n8 tiles, 32 fp32 accumulators per lane
 
 // rint(xs / scale) as IEEE division then round-half-even would give, without dividing in the
 // common case: q0 = xs * (1/scale) is within 2^-22 |q| of the correctly rounded quotient, so
@@ -184,128 +113,118 @@ __device__ __forceinline__ void quantize8x8(const float xs[8], float scale, floa
   for (int e = 0; e < 8; ++e) c[e] = max(-127, min(127, (int)r[e]));
 }
 
+__device__ __forceinline__ uint4 ld128(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// max |x_e * s_e| over the 8 values of v (x.dtype) and s (fp32), fp32 products as the reference
+template <typename T>
+__device__ __forceinline__ float absmax8(uint4 v, float4 s0, float4 s1, float am) {
+  const T* p = reinterpret_cast<const T*>(&v);
+  const float s[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+#pragma unroll
+  for (int e = 0; e < 8; ++e) am = fmaxf(am, fabsf(__fmul_rn(F16<T>::to_f(p[e]), s[e])));
+  return am;
+}
+
+// Phase B over this warp's k-slices for NT rank tiles (0, 2, 4, 6 or 8) and the token rows g
+// (and g+8 when HI): see the act_kernel comment for the fragment mapping.
+template <typename T, int NT, bool HI>
+__device__ __forceinline__ void branch_slices(const T* xlo, const T* xhi,
+                                              const float* __restrict__ inv_smooth, const T* dp,
+                                              int K, int warp, int tq, bool amax, float& am_lo,
+                                              float& am_hi, float (&acc)[8][4]) {
+#pragma unroll 2
+  for (int kb = warp * 32; kb < K; kb += ACT_WARPS * 32) {
+    const uint4 va = ld128(xlo + kb);
+    const uint4 vb = HI ? ld128(xhi + kb) : make_uint4(0, 0, 0, 0);
+    uint4 d[NT > 0 ? NT : 1];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) d[n] = ld128(dp + (size_t)n * 8 * K + kb);
+    if (amax) {
+      const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq);
+      const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq + 4);
+      am_lo = absmax8<T>(va, s0, s1, am_lo);
+      if (HI) am_hi = absmax8<T>(vb, s0, s1, am_hi);
+    }
+    const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y}, a1[4] = {va.z, vb.z, va.w, vb.w};
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const uint32_t b0[2] = {d[n].x, d[n].y}, b1[2] = {d[n].z, d[n].w};
+      mma16816<T>(acc[n], a0, b0);
+      mma16816<T>(acc[n], a1, b1);
+    }
+  }
+}
+
 template <typename T, int TM>
 __global__ void __launch_bounds__(ACT_THREADS)
 act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const T* __restrict__ down,
            const float* __restrict__ rank_scale, int M, int K, int R, int8_t* __restrict__ codes,
            float* __restrict__ sx, int* __restrict__ sumq, T* __restrict__ act) {
-  __shared__ __align__(128) uint8_t sm[ACT_STAGES * ACT_STAGE];
-  __shared__ float amax_s[16];
+  __shared__ float part[ACT_WARPS][16][ACT_RCHUNK + 1];  // per-warp branch sums (+1: banks)
+  __shared__ float amax_w[ACT_WARPS][16];
+  __shared__ float scale_s[16];
   static_assert(TM == 8 || TM == 16, "TM is 8 or 16");
-  constexpr int EPT = TM / 4;        // absmax: elements per thread and chunk (TM*64 / 256)
-  constexpr int LPR = ACT_KC / EPT;  // lanes per row
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int t0 = blockIdx.x * TM;
-  const int KCH = K / ACT_KC;
-  // The loop below is issue-bound at low occupancy (bench/NOTES.md, runs 5-7), so every copy's
-  // source pointer, destination and size are computed once, outside it; a chunk adds kb.
-  const int xrow = tid / 8, xch = tid % 8;
-  const bool xok = t0 + xrow < M;
-  const T* xsrc = x + (size_t)(xok ? t0 + xrow : 0) * K + xch * 8;
-  const int xdst = xrow * 128 + ((xch ^ (xrow & 7)) * 16);
-  const int ntp = warp;                        // this warp's pair of rank n8 tiles
-  const int arow = tid / LPR, acol = (tid % LPR) * EPT;  // absmax: EPT consecutive k of a row
-  float am = 0.f;
-  if constexpr (TM < 16) {  // rows TM..15 of every stage's x tile stay zero (never copied to)
-    const int row = TM + tid / 8 % (16 - TM), ch = tid % 8, st = tid / (8 * (16 - TM));
-    if (st < ACT_STAGES)
-      *reinterpret_cast<uint4*>(sm + st * ACT_STAGE + row * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
-  }
+  // token rows g and g+8 of the tile; rows past M read row M-1 (never stored), rows past TM
+  // are zeros and never loaded
+  const T* xlo = x + (size_t)min(t0 + g, M - 1) * K + 8 * tq;
+  const T* xhi = x + (size_t)min(t0 + g + 8, M - 1) * K + 8 * tq;
+  float am_lo = 0.f, am_hi = 0.f;
 
-  const int nchunks = R == 0 ? 1 : (R + ACT_RCHUNK - 1) / ACT_RCHUNK;
-  for (int rc = 0; rc < nchunks; ++rc) {
-    const int r0 = rc * ACT_RCHUNK;
-    const int rcount = min(ACT_RCHUNK, R - r0);  // ranks in this chunk (0 when R == 0)
-    const bool do_mma = ntp * 16 < rcount;       // R is a multiple of 16: both n8 tiles valid
-    // down: 64 rows x 8 chunks of 16 bytes, two copies per thread; only rows < rcount exist
-    const T* dsrc[2];
-    int ddst[2];
-    bool dok[2];
+  const int npass = R == 0 ? 1 : (R + ACT_RCHUNK - 1) / ACT_RCHUNK;
+  for (int pass = 0; pass < npass; ++pass) {
+    const int r0 = pass * ACT_RCHUNK;
+    const int ntiles = min(ACT_RCHUNK, R - r0) / 8;  // 0 when R == 0; even (R % 16 == 0)
+    float acc[8][4];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = tid + i * ACT_THREADS, row = c / 8, ch = c % 8;
-      dok[i] = row < rcount;
-      dsrc[i] = down + (size_t)(dok[i] ? r0 + row : 0) * K + ch * 8;
-      ddst[i] = ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16);
+    for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    const T* dp = down + (size_t)(r0 + g) * K + 8 * tq;
+    const bool amax = pass == 0;
+    switch (ntiles) {  // a loop per tile count: its loads are unconditional and batch up
+      case 0: branch_slices<T, 0, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
+      case 2: branch_slices<T, 2, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
+      case 4: branch_slices<T, 4, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
+      case 6: branch_slices<T, 6, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
+      default: branch_slices<T, 8, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
     }
-    auto load = [&](int stage, int kc) {
-      uint8_t* s = sm + stage * ACT_STAGE;
-      const int kb = kc * ACT_KC;
-      if (tid < TM * 8) cp_async16(s + xdst, xsrc + kb, xok ? 16 : 0);  // x: TM rows
+    if (ntiles) {
+      // C layout: acc[n][0,1] = (token g, ranks 8n + 2tq, +1), acc[n][2,3] = token g + 8
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        if (dok[i]) cp_async16(s + ddst[i], dsrc[i] + kb, 16);
-      if (rc == 0 && tid < ACT_KC / 4)  // inv_smooth for the absmax: 16 copies
-        cp_async16(s + ACT_XB + ACT_DB + tid * 16, inv_smooth + kb + tid * 4, 16);
-    };
-    float acc[2][4];
+      for (int n = 0; n < 8; ++n)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-
-#pragma unroll
-    for (int st = 0; st < ACT_STAGES - 1; ++st) {
-      if (st < KCH) load(st, st);
-      cp_async_commit();
-    }
-    for (int kc = 0; kc < KCH; ++kc) {
-      cp_async_wait<ACT_STAGES - 2>();
+        for (int e = 0; e < 4; ++e) part[warp][g + 8 * (e / 2)][8 * n + 2 * tq + (e & 1)] = acc[n][e];
       __syncthreads();
-      if (kc + ACT_STAGES - 1 < KCH) load((kc + ACT_STAGES - 1) % ACT_STAGES, kc + ACT_STAGES - 1);
-      cp_async_commit();
-      const uint8_t* s = sm + (kc % ACT_STAGES) * ACT_STAGE;
-      if (rc == 0) {
-        // xs = x * inv_smooth in fp32, as the reference; rows past M were zero-filled
-        const T* pv = reinterpret_cast<const T*>(
-            s + arow * 128 + (((acol / 8) ^ (arow & 7)) * 16) + (acol % 8) * 2);
-        const float* ps = reinterpret_cast<const float*>(s + ACT_XB + ACT_DB) + acol;
+      for (int i = tid; i < TM * ntiles * 8; i += ACT_THREADS) {
+        const int row = i / (ntiles * 8), r = i % (ntiles * 8);
+        float s = part[0][row][r];
 #pragma unroll
-        for (int e = 0; e < EPT; ++e) am = fmaxf(am, fabsf(__fmul_rn(F16<T>::to_f(pv[e]), ps[e])));
+        for (int w = 1; w < ACT_WARPS; ++w) s = __fadd_rn(s, part[w][row][r]);
+        if (t0 + row < M) act[(size_t)(t0 + row) * R + r0 + r] = F16<T>::from_f(__fmul_rn(s, rank_scale[r0 + r]));
       }
-      if (do_mma) {
-#pragma unroll
-        for (int k16 = 0; k16 < ACT_KC / 16; ++k16) {
-          uint32_t a[4], b[4];
-          {
-            const int row = lane % 16, ch = 2 * k16 + lane / 16;
-            ldmatrix_x4(a[0], a[1], a[2], a[3], s + row * 128 + ((ch ^ (row & 7)) * 16));
-          }
-          {
-            const int row = ntp * 16 + (lane / 16) * 8 + (lane % 8), ch = 2 * k16 + ((lane / 8) & 1);
-            ldmatrix_x4(b[0], b[1], b[2], b[3], s + ACT_XB + row * 128 + ((ch ^ (row & 7)) * 16));
-          }
-          mma16816<T>(acc[0], a, b);
-          mma16816<T>(acc[1], a, b + 2);
-        }
-      }
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the next rank chunk refills the stages
-    if (do_mma) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int r = r0 + ntp * 16 + j * 8 + 2 * tq;
-        const float rs0 = rank_scale[r], rs1 = rank_scale[r + 1];
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int t = t0 + g + 8 * hh;
-          if (t < M && g + 8 * hh < TM) {
-            T pr[2] = {F16<T>::from_f(__fmul_rn(acc[j][2 * hh], rs0)),
-                       F16<T>::from_f(__fmul_rn(acc[j][2 * hh + 1], rs1))};
-            *reinterpret_cast<uint32_t*>(act + (size_t)t * R + r) = *reinterpret_cast<uint32_t*>(pr);
-          }
-        }
-      }
+      __syncthreads();  // part is reused by the next pass
     }
   }
 
-  // per-token absmax: LPR consecutive lanes share a row
+  // per-token absmax: the four lanes of a row, then the eight warps (max is order-free)
 #pragma unroll
-  for (int o = 1; o < LPR; o <<= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
-  if (tid % LPR == 0) {
+  for (int o = 1; o < 4; o <<= 1) {
+    am_lo = fmaxf(am_lo, __shfl_xor_sync(0xffffffffu, am_lo, o));
+    am_hi = fmaxf(am_hi, __shfl_xor_sync(0xffffffffu, am_hi, o));
+  }
+  if (tq == 0) {
+    amax_w[warp][g] = am_lo;
+    amax_w[warp][g + 8] = am_hi;
+  }
+  __syncthreads();
+  if (tid < TM) {
+    float am = amax_w[0][tid];
+#pragma unroll
+    for (int w = 1; w < ACT_WARPS; ++w) am = fmaxf(am, amax_w[w][tid]);
     const float scale = __fdiv_rn(am, 127.f);
-    amax_s[arow] = scale;
-    if (t0 + arow < M) sx[t0 + arow] = scale;
+    scale_s[tid] = scale;
+    if (t0 + tid < M) sx[t0 + tid] = scale;
   }
   __syncthreads();
 
@@ -313,7 +232,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   for (int row = warp; row < TM; row += ACT_WARPS) {
     const int t = t0 + row;
     if (t >= M) break;
-    const float scale = amax_s[row];
+    const float scale = scale_s[row];
     const float rcp = scale > 0.f ? 1.f / scale : 0.f;  // any rounding: see quantize8x8
     const T* xr = x + (size_t)t * K;
     int8_t* cr = codes + (size_t)t * K;
@@ -371,17 +290,12 @@ constexpr int BN = 128, BT = 128, BK = 128, STAGES = 4, GEMM_THREADS = 256;
 constexpr int SM_ACT = 0, SM_W = BT * BK, SM_MULT = SM_W + 2 * BN * 32;
 constexpr int STAGE_BYTES = SM_MULT + 2 * BN;  // 24832
 constexpr int GEMM_SMEM = STAGES * STAGE_BYTES;  // 99328, under the 99 KB of sm_86/sm_89
-constexpr int OUT_STRIDE = BN + 8;  // epilogue staging row (16-bit elements), padded by 16 bytes
-static_assert(BT * OUT_STRIDE * 2 <= GEMM_SMEM, "epilogue staging must fit the pipeline smem");
+static_assert(BT * out_stride<BN>() * 2 <= GEMM_SMEM, "epilogue staging must fit the pipeline smem");
 
 // Register budget: 2 CTAs per SM (128 registers, 16 warps). One CTA per SM with up to 255
 // registers (the compiler then batches ldmatrix ahead of the MMAs) measured 10% slower on the
 // H200 (bench/NOTES.md, run 3).
-// STAGGER: CTAs start their k loop at different k-tiles (wrapping around), so that the CTAs in
-// flight do not read the same activation / weight lines at the same moment. Integer
-// accumulation is exact, so the result is bitwise the same either way. bench/linear.py times
-// both (variants 0 and 1).
-template <typename T, bool STAGGER>
+template <typename T>
 __global__ void __launch_bounds__(GEMM_THREADS, 2)
 gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
             const int* __restrict__ sumq, const uint8_t* __restrict__ qweight,
@@ -397,7 +311,6 @@ gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
   // ---- producer: one k-tile into one stage (all threads) ----
   auto load_stage = [&](int stage, int kt) {
     uint8_t* s = smem + stage * STAGE_BYTES;
-    if (STAGGER) kt = (kt + blockIdx.x + 3 * blockIdx.y) % KT;
     const int kbase = kt * BK;
 #pragma unroll
     for (int i = 0; i < (BT * BK / 16) / GEMM_THREADS; ++i) {  // 4 chunks of activations
@@ -445,30 +358,17 @@ gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
     const uint8_t* s = smem + (kt % STAGES) * STAGE_BYTES;
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      // group multipliers of this lane's 4 rows, and the additive constant (128 - 8m) per byte
-      uint32_t m[2][2], C[2][2];
-      uint2 wv[2][2];
+      uint32_t a[2][2][4];  // [m16 tile][k32 step][register]
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int row = wn * 32 + mt * 16 + g + 8 * hh;
-          m[mt][hh] = (uint32_t)(uint8_t)s[SM_MULT + c * BN + row];
-          C[mt][hh] = 0x80808080u - m[mt][hh] * 0x08080808u;
-          wv[mt][hh] = *reinterpret_cast<const uint2*>(s + SM_W + c * BN * 32 + row * 32 + 8 * tq);
-        }
+      for (int mt = 0; mt < 2; ++mt) {
+        const int row = wn * 32 + mt * 16 + g;
+        widen_group(*reinterpret_cast<const uint2*>(s + SM_W + c * BN * 32 + row * 32 + 8 * tq),
+                    *reinterpret_cast<const uint2*>(s + SM_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
+                    (uint8_t)s[SM_MULT + c * BN + row], (uint8_t)s[SM_MULT + c * BN + row + 8],
+                    a[mt]);
+      }
 #pragma unroll
       for (int st = 0; st < 2; ++st) {
-        uint32_t a[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          const uint32_t w0 = (st ? wv[mt][0].y : wv[mt][0].x) ^ 0x88888888u;
-          const uint32_t w1 = (st ? wv[mt][1].y : wv[mt][1].x) ^ 0x88888888u;
-          a[mt][0] = (w0 & 0x0F0F0F0Fu) * m[mt][0] + C[mt][0];
-          a[mt][2] = ((w0 >> 4) & 0x0F0F0F0Fu) * m[mt][0] + C[mt][0];
-          a[mt][1] = (w1 & 0x0F0F0F0Fu) * m[mt][1] + C[mt][1];
-          a[mt][3] = ((w1 >> 4) & 0x0F0F0F0Fu) * m[mt][1] + C[mt][1];
-        }
         uint32_t b[8][2];
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
@@ -480,87 +380,21 @@ gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt) mma_u8s8(acc[mt][nt], a[mt], b[nt]);
+          for (int nt = 0; nt < 8; ++nt) mma_u8s8(acc[mt][nt], a[mt][st], b[nt]);
       }
     }
   }
   cp_async_wait<0>();
   __syncthreads();  // pipeline smem is reused below for the output tile
 
-  // ---- epilogue: dequantize, + low-rank branch, + bias, one 16-bit store ----
-  // y = float(acc - 128*sumq) * (sx * row_scale): the same two fp32 roundings as the reference
-  // (explicit _rn intrinsics keep the compiler from contracting them into an FMA).
-  float rs[2][2];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) rs[mt][hh] = row_scale[min(n0 + wn * 32 + mt * 16 + g + 8 * hh, N - 1)];
-  float f[2][8][4];
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int t = min(tk0 + wt * 64 + nt * 8 + 2 * tq + e, M - 1);
-      const float sxv = sx[t];
-      const int off = sumq[t] * 128;
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-          f[mt][nt][hh * 2 + e] =
-              __fmul_rn(__int2float_rn(acc[mt][nt][hh * 2 + e] - off), __fmul_rn(sxv, rs[mt][hh]));
-    }
-  // low-rank up: A = up [n, r] (row-major = m16n8k16 "row" A), B = act [t, r] ("col" B);
-  // accumulates into the dequantized result (same C layout as the int8 MMA).
-  for (int r = 0; r < R; r += 16) {
-    uint32_t ua[2][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      const T* pA = up + (size_t)min(n0 + wn * 32 + mt * 16 + g, N - 1) * R + r + 2 * tq;
-      const T* pB = up + (size_t)min(n0 + wn * 32 + mt * 16 + g + 8, N - 1) * R + r + 2 * tq;
-      ua[mt][0] = ld32(pA);
-      ua[mt][1] = ld32(pB);
-      ua[mt][2] = ld32(pA + 8);
-      ua[mt][3] = ld32(pB + 8);
-    }
-    uint32_t ab[8][2];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const T* p = act + (size_t)min(tk0 + wt * 64 + nt * 8 + g, M - 1) * R + r + 2 * tq;
-      ab[nt][0] = ld32(p);
-      ab[nt][1] = ld32(p + 8);
-    }
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) mma16816<T>(f[mt][nt], ua[mt], ab[nt]);
-  }
   T* so = reinterpret_cast<T*>(smem);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int nl = wn * 32 + mt * 16 + g + 8 * hh;
-      const float bv = bias ? F16<T>::to_f(bias[min(n0 + nl, N - 1)]) : 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int tl = wt * 64 + nt * 8 + 2 * tq + e;
-          float v = f[mt][nt][hh * 2 + e];
-          if (bias) v = __fadd_rn(v, bv);
-          so[tl * OUT_STRIDE + nl] = F16<T>::from_f(v);
-        }
-    }
+    epilogue_m16<T, 8, BN>(acc[mt], n0 + wn * 32 + mt * 16 + g, wn * 32 + mt * 16 + g,
+                       tk0 + wt * 64, wt * 64, sx, sumq, row_scale, act, up, R, bias, so, M, N,
+                       lane);
   __syncthreads();
-#pragma unroll
-  for (int i = 0; i < (BT * BN / 8) / GEMM_THREADS; ++i) {
-    const int c = tid + i * GEMM_THREADS, row = c / (BN / 8), ch = c % (BN / 8);
-    const int t = tk0 + row, n = n0 + ch * 8;
-    if (t < M && n < N)  // N % 8 == 0: a chunk is all in or all out
-      *reinterpret_cast<uint4*>(y + (size_t)t * N + n) =
-          *reinterpret_cast<const uint4*>(so + row * OUT_STRIDE + ch * 8);
-  }
+  store_tile<T, BT, BN, GEMM_THREADS>(so, y, tk0, n0, M, N, tid);
 }
 
 }  // namespace svdq
@@ -591,31 +425,43 @@ int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smoot
   return (int)cudaGetLastError();
 }
 
-template <typename T, bool STAGGER>
+template <typename T>
 static int launch_gemm(const int8_t* codes, const float* sx, const int* sumq,
                        const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                        const void* act, const void* up, int R, const void* bias, void* y, int M,
                        int N, int K, cudaStream_t stream) {
   // the attribute is per function and device; setting it every call is cheap and avoids a
   // per-device cache
-  cudaError_t e = cudaFuncSetAttribute(svdq::gemm_kernel<T, STAGGER>,
+  cudaError_t e = cudaFuncSetAttribute(svdq::gemm_kernel<T>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, svdq::GEMM_SMEM);
   if (e != cudaSuccess) return (int)e;
   dim3 grid((N + svdq::BN - 1) / svdq::BN, (M + svdq::BT - 1) / svdq::BT);
-  svdq::gemm_kernel<T, STAGGER><<<grid, svdq::GEMM_THREADS, svdq::GEMM_SMEM, stream>>>(
+  svdq::gemm_kernel<T><<<grid, svdq::GEMM_THREADS, svdq::GEMM_SMEM, stream>>>(
       codes, sx, sumq, qweight, multT, row_scale, (const T*)act, (const T*)up, R, (const T*)bias,
       (T*)y, M, N, K);
   return (int)cudaGetLastError();
 }
 
+// The wgmma kernels (csrc/w4a8_sm90.cu); cudaErrorInvalidDeviceFunction where the extension was
+// not built for sm_90a.
+int svdq_w4a8_gemm_sm90(const int8_t* codes, const float* sx, const int* sumq,
+                        const uint8_t* qweight, const int8_t* multT, const float* row_scale,
+                        const void* act, const void* up, int R, const void* bias, void* y, int M,
+                        int N, int K, bool fp16, cudaStream_t stream);
+
+// variant 1: mma.sync (every GPU from sm_80); 2: wgmma (sm_90a builds only). The caller
+// (svdq/backends/cuda.py) picks; both compute the same bits.
 int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
                    int variant, cudaStream_t stream) {
   if (M == 0 || N == 0) return 0;
-#define SVDQ_LAUNCH(TT, MB) \
-  launch_gemm<TT, MB>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y, M, N, K, stream)
-  if (fp16) return variant == 1 ? SVDQ_LAUNCH(__half, true) : SVDQ_LAUNCH(__half, false);
-  return variant == 1 ? SVDQ_LAUNCH(__nv_bfloat16, true) : SVDQ_LAUNCH(__nv_bfloat16, false);
-#undef SVDQ_LAUNCH
+  if (variant == 2)
+    return svdq_w4a8_gemm_sm90(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y,
+                               M, N, K, fp16, stream);
+  if (fp16)
+    return launch_gemm<__half>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y,
+                               M, N, K, stream);
+  return launch_gemm<__nv_bfloat16>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias,
+                                    y, M, N, K, stream);
 }

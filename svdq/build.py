@@ -26,7 +26,8 @@ log = logging.getLogger("svdq")
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-SOURCES = ("w4a8.cu", "dequant_w4.cu", "binding.cpp")
+SOURCES = ("w4a8.cu", "w4a8_sm90.cu", "dequant_w4.cu", "binding.cpp")
+HEADERS = ("common.cuh",)   # hashed with the sources: a header change must rebuild
 _module = None
 _error: str | None = None
 
@@ -92,9 +93,11 @@ def build_key(device=None) -> tuple[str, str]:
     if not torch.cuda.is_available():
         raise BuildError("CUDA is not available in this torch build or on this machine")
     major, minor = torch.cuda.get_device_capability(device)
-    arch = f"{major}{minor}"
+    # Hopper builds for sm_90a, whose arch-specific instructions (wgmma) the fast GEMM needs;
+    # that code runs on compute capability 9.0 only, which is exactly the GPU we build for.
+    arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     tv = torch.__version__.replace("+", "_")
@@ -158,11 +161,13 @@ def _load(verbose: bool):
         log.warning("SVDQuant: building the CUDA extension for sm_%s in %s (first use only; "
                     "about a minute)", arch, bdir)
         old = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"   # this GPU only
+        num = arch.rstrip("a")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{num[:-1]}.{num[-1]}" + arch[len(num):]  # this GPU
+        defs = ["-DSVDQ_SM90A"] if arch == "90a" else []
         try:
             mod = cpp_extension.load(
                 name=name, sources=[str(CSRC / s) for s in SOURCES], build_directory=str(bdir),
-                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                extra_cflags=["-O3"] + defs, extra_cuda_cflags=["-O3", "-lineinfo"] + defs,
                 verbose=verbose)
         finally:
             if old is None:

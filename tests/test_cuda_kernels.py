@@ -173,10 +173,11 @@ def test_deterministic_and_poison(gen):
     y2, p2 = cuda.run(layer, prep, x, return_parts=True)
     assert not torch.isnan(y1).any()
     assert torch.equal(y1, y2)
-    # the staggered-k variant of the GEMM computes the very same bits
-    other = CudaBackend()
-    other.gemm_variant = 1 - cuda.gemm_variant
-    assert torch.equal(other.run(layer, prep, x), y1)
+    # every GEMM kernel this build has computes the very same bits
+    for v in _gemm_variants():
+        other = CudaBackend()
+        other.gemm_variant = v
+        assert torch.equal(other.run(layer, prep, x), y1), f"GEMM variant {v} differs"
     # the other activation-kernel block size: same codes, scales and sums; the branch sums run
     # in another fp32 order, so it is held to the reference like any output
     other = CudaBackend()
@@ -188,6 +189,54 @@ def test_deterministic_and_poison(gen):
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
     check_close(y1, ref.forward(layer, ref.prepare(layer), x), dtype, layer=layer, x=x)
+
+
+def _gemm_variants():
+    from svdq import build
+    return (1, 2) if build.load().WGMMA else (1,)
+
+
+GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
+               (257, 320, 1000), (129, 15360, 264), (300, 704, 392)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rank", [0, 48])
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in GEMM_SHAPES])
+def test_gemm_variants_bitwise(gen, m, k, n, rank, dtype):
+    """The mma.sync GEMM and, on Hopper builds, the wgmma GEMM: identical bits (integer
+    accumulation is exact and csrc/common.cuh's epilogue is shared), each output overwriting a
+    NaN-poisoned buffer; the first is also held to the reference."""
+    from svdq.backends.cuda import CudaBackend
+    _, ref = _backends()
+    layer = make_layer(gen, k, n, rank, dtype)
+    x = make_x(gen, m, k, dtype)
+    outs = {}
+    for v in _gemm_variants():
+        be = CudaBackend()
+        be.gemm_variant = v
+        outs[v] = be.run(layer, be.prepare(layer), x,
+                         out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+    check_close(outs[1], ref.forward(layer, ref.prepare(layer), x), dtype, exact=(rank == 0),
+                layer=layer, x=x)
+    for v, y in outs.items():
+        assert not torch.isnan(y).any(), f"variant {v} left elements unwritten"
+        assert torch.equal(y, outs[1]), (f"variant {v} differs from mma.sync in "
+                                         f"{int((y != outs[1]).sum())} elements")
+    print(f"[gemm] {m}x{k}x{n} r{rank} {dtype}: variants {tuple(outs)} identical")
+
+
+def test_gemm_variant_unavailable_is_refused(gen):
+    """A build without wgmma refuses variant 2 with a message that says what it needs."""
+    from svdq import build
+    from svdq.backends.cuda import CudaBackend
+    if build.load().WGMMA:
+        pytest.skip("this build has the wgmma kernels (Hopper); the refusal applies elsewhere")
+    be = CudaBackend()
+    be.gemm_variant = 2
+    layer = make_layer(gen, 128, 8, 0, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="sm_90a"):
+        be.run(layer, be.prepare(layer), make_x(gen, 3, 128, torch.bfloat16))
 
 
 def test_lora_segments_odd_rank(gen):

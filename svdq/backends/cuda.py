@@ -1,4 +1,5 @@
-"""The fused CUDA backend: W4A8 on the INT8 tensor cores (csrc/w4a8.cu), sm_80 and up.
+"""The fused CUDA backend: W4A8 on the INT8 tensor cores, sm_80 and up (csrc/w4a8.cu, mma.sync;
+on Hopper the GEMM runs on wgmma instead: csrc/w4a8_sm90.cu, the same bits).
 
 prepare(layer) derives, on the layer's GPU, the small tensors the kernels need beside the
 natural-layout 4-bit weights, which the GEMM reads as they are (no second copy of the weights):
@@ -8,7 +9,7 @@ natural-layout 4-bit weights, which the GEMM reads as they are (no second copy o
 and, beside them, the low-rank branch zero-padded to R16 = ceil16(R) (down [R16, K], up [N, R16],
 rank_scale [R16]), kept until the layer's segments change (a strength change only rewrites
 rank_scale).
-forward(layer, prepared, x) runs the activation kernel, then the GEMM.
+forward(layer, prepared, x) runs the activation kernel, then the GEMM (gemm_variant_for picks it).
 w4a16 layers (adaLN modulation, GEMV-like) dequantize to 16 bits in one kernel pass, then
 cuBLAS; fp32 inputs use the reference math.
 """
@@ -53,8 +54,10 @@ def check_shape(in_features: int, out_features: int) -> None:
 
 class CudaBackend:
     name = "cuda"
-    # GEMM k-loop start: 0 = every CTA at k = 0, 1 = staggered per CTA (csrc/w4a8.cu, same bits)
-    gemm_variant = int(os.environ.get("SVDQ_GEMM_VARIANT", "0"))
+    # GEMM kernel: 1 = mma.sync (csrc/w4a8.cu, sm_80+), 2 = wgmma (csrc/w4a8_sm90.cu, Hopper
+    # builds only); both give the same bits. None = the fastest this build has.
+    gemm_variant = (int(os.environ["SVDQ_GEMM_VARIANT"]) if os.environ.get("SVDQ_GEMM_VARIANT")
+                    else None)
     # activation kernel tokens per block: 0 = 16, 1 = 8 (csrc/w4a8.cu); None = by token count:
     # 8-token blocks win below ~2k tokens (more blocks in flight), 16 above (bench/NOTES.md)
     act_variant = (int(os.environ["SVDQ_ACT_VARIANT"]) if os.environ.get("SVDQ_ACT_VARIANT")
@@ -80,6 +83,13 @@ class CudaBackend:
     @staticmethod
     def ext():
         return _build.load()
+
+    def gemm_variant_for(self, m: int, n: int, device) -> int:
+        """The GEMM kernel for an M x N output: wgmma where the build has it (Hopper), else
+        mma.sync."""
+        if self.gemm_variant is not None:
+            return self.gemm_variant
+        return 2 if getattr(_build.load(), "WGMMA", False) else 1
 
     def prepare(self, layer):
         if layer.kind == "w4a16":
@@ -164,7 +174,7 @@ class CudaBackend:
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
         ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
-                 self.gemm_variant)
+                 self.gemm_variant_for(m, n, dev))
         if return_parts:
             return y, (codes, sx, sumq, act)
         return y
