@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # svdq only; the bench never imports the ComfyUI nodes
 
 GEMM_VARIANTS = (1,)   # 1 mma.sync; 2 wgmma (Hopper builds)
+ACT_VARIANTS = (0, 1)   # activation kernel: 16 or 8 tokens per block (csrc/w4a8.cu)
 SHAPES = [("qkv", 3072, 9216), ("proj", 3072, 3072), ("mlp_fc1", 3072, 12288),
           ("mlp_fc2", 12288, 3072), ("single_in", 3072, 21504), ("single_out", 15360, 3072)]
 
@@ -109,7 +110,7 @@ def main():
             br = be._branch(layers[32], pr)
             down, up = br["down"][torch.bfloat16], br["up"][torch.bfloat16]
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-            for v in (0, 1):
+            for v in ACT_VARIANTS:
                 t[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
                     x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act, v))
             av = be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)
@@ -127,7 +128,7 @@ def main():
             r = rows[-1]
             print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
                 f"{key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF" for key in
-                ("bf16", "fp8", "r0", "r32", "act32v0", "act32v1")
+                ("bf16", "fp8", "r0", "r32") + tuple(f"act32v{v}" for v in ACT_VARIANTS)
                 + tuple(f"gemm32v{v}" for v in GEMM_VARIANTS)) + f"  (layer gemm v{gv})",
                 flush=True)
         del w, w8, layers, preps
@@ -156,10 +157,10 @@ def main():
               + ", ".join(f"variant {v} {gm(f'gemm32v{v}'):.2f}" for v in GEMM_VARIANTS)
               + f"; as the layer picks {gm('gemm32'):.2f}, variants "
               + "/".join(str(r["gemm_variant"]) for r in sel) + ")")
-        print(f"  activation kernel r32, mean ms at M={m}: variant 0 (16 tokens/block) "
-              f"{sum(r['act32v0'] for r in sel) / len(sel):.4f}, variant 1 (8 tokens/block) "
-              f"{sum(r['act32v1'] for r in sel) / len(sel):.4f}; layer uses "
-              f"{be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)}")
+        print(f"  activation kernel r32, mean ms at M={m}: "
+              + ", ".join(f"variant {v} {sum(r[f'act32v{v}'] for r in sel) / len(sel):.4f}"
+                          for v in ACT_VARIANTS)
+              + f"; layer uses {be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "mem": mem}, fh, indent=1)

@@ -73,7 +73,13 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
 // multT int8 [K/64, N], row_scale fp32 [N], up [N, R] y.dtype, bias [N] y.dtype or None.
 void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tensor qweight,
           torch::Tensor multT, torch::Tensor row_scale, torch::Tensor act, torch::Tensor up,
-          c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t variant) {
+          const c10::optional<torch::Tensor>& bias, torch::Tensor y, int64_t variant) {
+  TORCH_CHECK(variant == 1 || variant == 2, "svdq gemm: variant ", variant, " is not 1 (mma.sync) "
+              "or 2 (wgmma)");
+#ifndef SVDQ_SM90A
+  TORCH_CHECK(variant == 1, "svdq gemm: variant ", variant, " (wgmma) needs a Hopper GPU and an "
+              "extension built for sm_90a");
+#endif
   const auto dt = y.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: output must be bfloat16 or float16");
   CHECK_T(codes, at::kChar, "codes");
@@ -101,12 +107,8 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
     TORCH_CHECK(bias->numel() == N, "svdq gemm: bias must have N=", N, " elements");
     bptr = bias->data_ptr();
   }
-  TORCH_CHECK(variant == 1 || variant == 2, "svdq gemm: variant ", variant, " is not 1 (mma.sync) "
-              "or 2 (wgmma)");
-#ifndef SVDQ_SM90A
-  TORCH_CHECK(variant == 1, "svdq gemm: variant ", variant, " (wgmma) needs a Hopper GPU and an "
-              "extension built for sm_90a");
-#endif
+  TORCH_CHECK(variant == 1 || N % 16 == 0, "svdq gemm: variant 2 (wgmma) needs out_features N % 16 "
+              "== 0 (its TMA copies need 16-byte strides), got N=", N, "; use variant 1");
   const c10::cuda::CUDAGuard guard(codes.device());
   check_rc(svdq_w4a8_gemm(codes.data_ptr<int8_t>(), sx.data_ptr<float>(), sumq.data_ptr<int>(),
                           qweight.data_ptr<uint8_t>(), multT.data_ptr<int8_t>(),

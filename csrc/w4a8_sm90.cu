@@ -5,33 +5,45 @@
 //
 // wgmma takes its B operand only from shared memory and A from registers or shared memory, so
 // the 4-bit weights, widened to int8 in registers, are A (the M side: 64 output channels per
-// warpgroup) and the activation codes are B (the N side: BT tokens), straight from the
-// cp.async stages. That is the orientation gemm_kernel already uses, with the same fragments:
-// per warp of the warpgroup, wgmma's A registers and its s32 accumulators are laid out as
-// mma.m16n8k32's (rows 16w + g, 16w + g + 8; tokens 8i + 2tq + {0, 1}), so widen_group and
-// epilogue_m16 (csrc/common.cuh) serve both kernels unchanged.
+// warpgroup) and the activation codes are B (the N side: 256 tokens). Per warp of the warpgroup,
+// wgmma's A registers and its s32 accumulators are laid out as mma.m16n8k32's (rows 16w + g,
+// 16w + g + 8; tokens 8i + 2tq + {0, 1}), so widen_group and epilogue_m16 (csrc/common.cuh)
+// serve both kernels unchanged, and both give the same bits.
 //
-// CTA: 2 warpgroups (256 threads) x 64 channels = BN 128 channels, BT = 128 tokens, k-tile 128
-// (two k64 groups, four m64n128k32 wgmma steps per warpgroup), two CTAs per SM (128 registers:
-// 64 accumulators). Shared memory per stage, 1024-aligned:
+// CTA: 2 warpgroups (256 threads) x 64 channels = BN 128 channels, BT = 256 tokens, k-tile 128
+// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (~228
+// registers). Shared memory per stage, 1024-aligned, filled by the tensor memory accelerator:
 //
-//   [0, BT*128)             activation codes [BT tokens][128 bytes], 16-byte chunk c of token
-//                           row r at chunk c ^ (r & 7): exactly wgmma's 128-byte swizzle (address
-//                           bits 4-6 XOR bits 7-9), so one descriptor describes the tile: K-major,
-//                           8-row core groups 1024 bytes apart (SBO), and the k32 step s starts
-//                           32*s bytes in (the hardware swizzles the absolute address).
-//   [BT*128, +8192)         packed weights [2 groups][128 rows][32 bytes], as in gemm_kernel
-//   [.., +256)              multipliers [2 groups][128 rows]
+//   [0, BT*128)      activation codes [BT tokens][128 bytes], 2-D tensor map [M][K] with box
+//                    128 x BT and 128-byte swizzle: 16-byte chunk c of token row r lands at chunk
+//                    c ^ (r & 7), exactly wgmma's 128-byte swizzle, so one descriptor describes
+//                    the tile: K-major, 8-row core groups 1024 bytes apart (SBO), and the k32 step
+//                    s starts 32*s bytes in (the hardware swizzles the absolute address).
+//   [.., +8192)      packed weights [2 groups][128 rows][32 bytes]: a 3-D map {32 bytes, N rows
+//                    (stride K/2), K/64 groups (stride 32)} with box {32, 128, 2}, so that a
+//                    half-warp's LDS.64 (rows g..g+3, 8 bytes at 8tq) covers 128 contiguous bytes
+//   [.., +256)       multipliers [2 groups][128 rows]: 2-D map [K/64][N] (its 16-byte row
+//                    stride needs N % 16 == 0; the caller falls back to mma.sync otherwise)
+// Boxes past M, N or K arrive zero-filled: zero codes add nothing, and those outputs are never
+// stored.
 //
-// Pipeline: STAGES cp.async stages, all threads copy. A k-tile's wgmmas run while the
-// warpgroup waits for the next k-tile's copies; before widening the next weights into the same
-// registers it waits for them to finish (keeping a second register set live instead makes ptxas
-// serialize every wgmma: warning C7513). After that wait and the barrier, no warpgroup reads
-// stage (kt-1)%S any more, so it takes k-tile kt+STAGES-1. cp.async writes through the generic
-// proxy and wgmma reads through the async proxy: fence.proxy.async between the two, before the
-// barrier. The other three warpgroups on the SM keep the tensor cores busy while one widens.
+// Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
+// landed (mbarrier transaction count), empty[s] when all eight warps have finished the wgmmas
+// that read it. Thread 0 is also the loader: it copies every k-tile whose stage has been released
+// and never blocks on a release (it polls), so its own warpgroup keeps computing. Each k-tile is
+// two halves (k64 groups) with their own A registers: a warpgroup widens one half while the
+// other half's wgmmas run, waiting (wgmma.wait_group 1) only for the group that last used the
+// registers it is about to overwrite. ptxas keeps this pipeline (no C7512/C7513 serialization
+// warnings; checked with -Xptxas -v).
+//
+// Measured on the H200 (bench/NOTES.md, run 16): this kernel 1.30x bf16 alone at M = 4608 against
+// 1.20x for the same kernel with 128-token tiles at two CTAs per SM and 1.17x for the cp.async
+// version with a CTA barrier per k-tile.
 
 #include "common.cuh"
+
+#include <cuda.h>          // CUtensorMap (types only: the encoder comes through cudart)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 namespace svdq {
 
@@ -41,16 +53,15 @@ namespace svdq {
 #error "SVDQ_SM90A builds need -gencode=arch=compute_90a,code=sm_90a (svdq/build.py sets it)"
 #endif
 
-// Tile and pipeline. Measured on the H200 (bench/NOTES.md, runs 11-13), against this 128 x 128
-// tile with two CTAs per SM: 256 tokens x 128 channels (one CTA per SM, m64n256k32) 0.85x of
-// its speed, 128 tokens x 256 channels (four warpgroups, one CTA per SM) 0.84x.
-constexpr int H_BN = 128, H_BT = 128, H_BK = 128, H_THREADS = 256, H_STAGES = 4;
-constexpr int H_W = H_BT * H_BK;                                 // weights after the activations
-constexpr int H_MULT = H_W + 2 * H_BN * 32;
-constexpr int H_STAGE = (H_MULT + 2 * H_BN + 1023) / 1024 * 1024;  // 25 KB
-constexpr int H_SMEM = H_STAGES * H_STAGE + 1024;  // + slack to align the base; 2 CTAs per SM fit
-static_assert(H_BT * out_stride<H_BN>() * 2 <= H_STAGES * H_STAGE, "the output tile must fit");
-static_assert(2 * (H_SMEM + 1024) <= 228 * 1024, "two CTAs per SM (228 KB, 1 KB reserved each)");
+constexpr int H_BN = 128, H_BT = 256, H_BK = 128, H_THREADS = 256, H_STAGES = 4;
+constexpr int H_W = H_BT * H_BK;                                    // weights after the codes
+constexpr int H_MULT = H_W + 2 * H_BN * 32;                         // multipliers after them
+constexpr int H_STAGE = (H_MULT + 2 * H_BN + 1023) / 1024 * 1024;   // 41 KB
+constexpr int H_TX = H_BT * H_BK + 2 * H_BN * 32 + 2 * H_BN;        // bytes copied per stage
+constexpr int H_SMEM = H_STAGES * H_STAGE + 1024 + 1024;            // + barriers + alignment
+static_assert(H_SMEM + 1024 <= 228 * 1024, "one CTA per SM");
+static_assert(H_TX <= H_STAGE && H_BT * out_stride<H_BN>() * 2 <= H_STAGES * H_STAGE,
+              "a stage holds a k-tile's copies; the stages hold the output tile");
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -71,9 +82,6 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 // Keeps the compiler from moving accumulator accesses across a wgmma wait.
 template <int NT> __device__ __forceinline__ void pin(int (&d)[NT][4]) {
 #pragma unroll
@@ -84,15 +92,27 @@ template <int NT> __device__ __forceinline__ void pin(int (&d)[NT][4]) {
 // d[64 x 8*NT] += A (4 registers per thread, u8) x B (descriptor, s8, K-major), s32.
 template <int NT> __device__ __forceinline__ void wgmma_u8s8(int (&d)[NT][4], const uint32_t a[4],
                                                              uint64_t desc);
-template <> __device__ __forceinline__ void wgmma_u8s8<16>(int (&d)[16][4], const uint32_t a[4],
+template <> __device__ __forceinline__ void wgmma_u8s8<32>(int (&d)[32][4], const uint32_t a[4],
                                                          uint64_t desc) {
   asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, {%64, %65, %66, %67}, %68, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, "
+      "%72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, "
+      "%88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, "
+      "%104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, "
+      "%120, %121, %122, %123, %124, %125, %126, %127"
+      "}, {%128, %129, %130, %131}, %132, 1;\n"
       : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]),
         "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3]),
         "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]), "+r"(d[5][0]), "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3]),
@@ -100,115 +120,208 @@ template <> __device__ __forceinline__ void wgmma_u8s8<16>(int (&d)[16][4], cons
         "+r"(d[8][0]), "+r"(d[8][1]), "+r"(d[8][2]), "+r"(d[8][3]), "+r"(d[9][0]), "+r"(d[9][1]), "+r"(d[9][2]), "+r"(d[9][3]),
         "+r"(d[10][0]), "+r"(d[10][1]), "+r"(d[10][2]), "+r"(d[10][3]), "+r"(d[11][0]), "+r"(d[11][1]), "+r"(d[11][2]), "+r"(d[11][3]),
         "+r"(d[12][0]), "+r"(d[12][1]), "+r"(d[12][2]), "+r"(d[12][3]), "+r"(d[13][0]), "+r"(d[13][1]), "+r"(d[13][2]), "+r"(d[13][3]),
-        "+r"(d[14][0]), "+r"(d[14][1]), "+r"(d[14][2]), "+r"(d[14][3]), "+r"(d[15][0]), "+r"(d[15][1]), "+r"(d[15][2]), "+r"(d[15][3])
+        "+r"(d[14][0]), "+r"(d[14][1]), "+r"(d[14][2]), "+r"(d[14][3]), "+r"(d[15][0]), "+r"(d[15][1]), "+r"(d[15][2]), "+r"(d[15][3]),
+        "+r"(d[16][0]), "+r"(d[16][1]), "+r"(d[16][2]), "+r"(d[16][3]), "+r"(d[17][0]), "+r"(d[17][1]), "+r"(d[17][2]), "+r"(d[17][3]),
+        "+r"(d[18][0]), "+r"(d[18][1]), "+r"(d[18][2]), "+r"(d[18][3]), "+r"(d[19][0]), "+r"(d[19][1]), "+r"(d[19][2]), "+r"(d[19][3]),
+        "+r"(d[20][0]), "+r"(d[20][1]), "+r"(d[20][2]), "+r"(d[20][3]), "+r"(d[21][0]), "+r"(d[21][1]), "+r"(d[21][2]), "+r"(d[21][3]),
+        "+r"(d[22][0]), "+r"(d[22][1]), "+r"(d[22][2]), "+r"(d[22][3]), "+r"(d[23][0]), "+r"(d[23][1]), "+r"(d[23][2]), "+r"(d[23][3]),
+        "+r"(d[24][0]), "+r"(d[24][1]), "+r"(d[24][2]), "+r"(d[24][3]), "+r"(d[25][0]), "+r"(d[25][1]), "+r"(d[25][2]), "+r"(d[25][3]),
+        "+r"(d[26][0]), "+r"(d[26][1]), "+r"(d[26][2]), "+r"(d[26][3]), "+r"(d[27][0]), "+r"(d[27][1]), "+r"(d[27][2]), "+r"(d[27][3]),
+        "+r"(d[28][0]), "+r"(d[28][1]), "+r"(d[28][2]), "+r"(d[28][3]), "+r"(d[29][0]), "+r"(d[29][1]), "+r"(d[29][2]), "+r"(d[29][3]),
+        "+r"(d[30][0]), "+r"(d[30][1]), "+r"(d[30][2]), "+r"(d[30][3]), "+r"(d[31][0]), "+r"(d[31][1]), "+r"(d[31][2]), "+r"(d[31][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
+
+__device__ __forceinline__ void mbar_init(uint64_t* b, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)),
+               "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, int parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int c0, int c1,
+                                       uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(smem_u32(dst)), "l"(map), "r"(c0), "r"(c1), "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void tma_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                       uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(smem_u32(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ bool mbar_test(uint64_t* b, int parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+  return done != 0;
+}
+
 template <typename T>
-__global__ void __launch_bounds__(H_THREADS, 2)
-gemm_sm90_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
-                 const int* __restrict__ sumq, const uint8_t* __restrict__ qweight,
-                 const int8_t* __restrict__ multT, const float* __restrict__ row_scale,
+__global__ void __launch_bounds__(H_THREADS, 1)
+gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
+                 const __grid_constant__ CUtensorMap tm_w,
+                 const __grid_constant__ CUtensorMap tm_mult, const float* __restrict__ sx,
+                 const int* __restrict__ sumq, const float* __restrict__ row_scale,
                  const T* __restrict__ act, const T* __restrict__ up, int R,
                  const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
 #ifdef SVDQ_WGMMA_DEVICE
-  constexpr int S = H_STAGES, NT = H_BT / 8, THREADS = H_THREADS, BT = H_BT, BN = H_BN;
+  constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * H_STAGE);
+  uint64_t* empty = full + S;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int row = (warp / 4) * 64 + (warp % 4) * 16 + g;  // this lane's channels: row, row + 8
   const int n0 = blockIdx.x * BN, tk0 = blockIdx.y * BT;
-  const int G = K / 64, KT = (K + H_BK - 1) / H_BK;
+  const int KT = (K + H_BK - 1) / H_BK;
+  const bool loader = tid == 0;
+  int kn = 0;  // loader: the next k-tile to copy
 
-  auto load_stage = [&](int stage, int kt) {
-    uint8_t* s = smem + stage * H_STAGE;
-    const int kbase = kt * H_BK;
-#pragma unroll
-    for (int i = 0; i < (BT * H_BK / 16) / THREADS; ++i) {
-      const int c = tid + i * THREADS, r = c / 8, ch = c % 8;
-      const int kk = kbase + ch * 16;
-      const bool ok = kk < K;
-      const int8_t* src = codes + (size_t)min(tk0 + r, M - 1) * K + (ok ? kk : 0);
-      cp_async16(s + r * H_BK + ((ch ^ (r & 7)) * 16), src, ok ? 16 : 0);
-    }
-#pragma unroll
-    for (int i = 0; i < (2 * BN * 2) / THREADS; ++i) {
-      const int c = tid + i * THREADS, grp = c / (2 * BN), rem = c % (2 * BN);
-      const int r = rem / 2, h = rem % 2, kg = kt * 2 + grp;
-      const bool ok = kg < G;
-      const uint8_t* src = qweight + (size_t)min(n0 + r, N - 1) * (K / 2) + (ok ? kg * 32 + h * 16 : 0);
-      cp_async16(s + H_W + grp * BN * 32 + r * 32 + h * 16, src, ok ? 16 : 0);
-    }
-    if (tid < 2 * BN / 4) {
-      const int grp = tid / (BN / 4), r = (tid % (BN / 4)) * 4, kg = kt * 2 + grp;
-      const bool ok = kg < G && n0 + r < N;
-      cp_async4(s + H_MULT + grp * BN + r, ok ? multT + (size_t)kg * N + n0 + r : multT,
-                ok ? 4 : 0);
-    }
+  auto issue = [&](int kt) {
+    const int s = kt % S;
+    uint8_t* st = smem + s * H_STAGE;
+    mbar_expect_tx(&full[s], H_TX);
+    tma_2d(st, &tm_codes, kt * H_BK, tk0, &full[s]);
+    tma_3d(st + H_W, &tm_w, 0, n0, kt * 2, &full[s]);
+    tma_2d(st + H_MULT, &tm_mult, n0, kt * 2, &full[s]);
+  };
+  // loader: copy every k-tile whose stage all eight warps have released; never blocks
+  auto refill = [&]() {
+    while (kn < KT && mbar_test(&empty[kn % S], ((kn / S) - 1) & 1)) issue(kn++);
   };
 
+  if (loader) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], H_THREADS / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (; kn < S && kn < KT; ++kn) issue(kn);
+  }
+  __syncthreads();
+
+  const int row = (warp / 4) * 64 + (warp % 4) * 16 + g;  // this lane's channels: row, row + 8
   int acc[NT][4];
 #pragma unroll
   for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
-
-#pragma unroll
-  for (int st = 0; st < S - 1; ++st) {
-    if (st < KT) load_stage(st, st);
-    cp_async_commit();
-  }
+  uint32_t a[2][2][4];  // [k64 half][k32 step][register]
 
   for (int kt = 0; kt < KT; ++kt) {
-    wgmma_wait<0>();  // this warpgroup's wgmmas of k-tile kt-1 are done: `a` is free again
-    pin<NT>(acc);
-    cp_async_wait<S - 2>();
-    fence_proxy_async();
-    __syncthreads();  // k-tile kt has landed; nobody reads stage (kt-1)%S any more
-    if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);
-    cp_async_commit();
-    const uint8_t* s = smem + (kt % S) * H_STAGE;
-    uint32_t a[2][2][4];  // [k64 group][k32 step][register]
+    const int s = kt % S, parity = (kt / S) & 1;
+    if (loader) {
+      do refill();  // the copy of k-tile kt may itself still wait for a release
+      while (!mbar_test(&full[s], parity));
+    } else {
+      mbar_wait(&full[s], parity);
+    }
+    __syncwarp();
+    const uint8_t* st = smem + s * H_STAGE;
+    const uint32_t sb = smem_u32(st);
 #pragma unroll
-    for (int c = 0; c < 2; ++c)
-      widen_group(*reinterpret_cast<const uint2*>(s + H_W + c * BN * 32 + row * 32 + 8 * tq),
-                  *reinterpret_cast<const uint2*>(s + H_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
-                  (uint8_t)s[H_MULT + c * BN + row], (uint8_t)s[H_MULT + c * BN + row + 8],
-                  a[c]);
-    wgmma_fence();
-    const uint32_t sb = smem_u32(s);
+    for (int c = 0; c < 2; ++c) {
+      wgmma_wait<1>();  // the group that last read a[c] (k-tile kt-1, half c) is done
+      if (c == 1 && kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % S]);  // kt-1 fully read
+      widen_group(*reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + row * 32 + 8 * tq),
+                  *reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
+                  (uint8_t)st[H_MULT + c * BN + row], (uint8_t)st[H_MULT + c * BN + row + 8], a[c]);
+      wgmma_fence();
 #pragma unroll
-    for (int c = 0; c < 2; ++c)
-#pragma unroll
-      for (int st = 0; st < 2; ++st) wgmma_u8s8<NT>(acc, a[c][st], desc_sw128(sb + 64 * c + 32 * st));
-    wgmma_commit();
+      for (int k32 = 0; k32 < 2; ++k32)
+        wgmma_u8s8<NT>(acc, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
+      wgmma_commit();
+    }
   }
   wgmma_wait<0>();
   pin<NT>(acc);
-  cp_async_wait<0>();
-  __syncthreads();  // every wgmma and copy is done: the stages become the output tile
+  __syncthreads();  // every stage has been read: it becomes the output tile
 
   T* so = reinterpret_cast<T*>(smem);
-  epilogue_m16<T, NT, BN>(acc, n0 + row, row, tk0, 0, sx, sumq, row_scale, act, up, R, bias, so, M, N,
-                      lane);
+  epilogue_m16<T, NT, BN>(acc, n0 + row, row, tk0, 0, sx, sumq, row_scale, act, up, R, bias, so, M,
+                          N, lane);
   __syncthreads();
-  store_tile<T, BT, BN, THREADS>(so, y, tk0, n0, M, N, tid);
+  store_tile<T, BT, BN, H_THREADS>(so, y, tk0, n0, M, N, tid);
 #endif
 }
 
 }  // namespace svdq
 
+#ifdef SVDQ_SM90A
+// cuTensorMapEncodeTiled from the driver, looked up once through the runtime (no -lcuda).
+static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+#if CUDART_VERSION >= 12050
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess || q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+#else
+    if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+#endif
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A uint8 tensor map: dims[0] innermost (elements = bytes), strides in bytes for dims 1.., box.
+template <int RANK>
+static int make_map(CUtensorMap* map, const void* base, const cuuint64_t (&dims)[RANK],
+                    const cuuint64_t (&strides)[RANK - 1], const cuuint32_t (&box)[RANK],
+                    CUtensorMapSwizzle swizzle) {
+  auto enc = tensor_map_encoder();
+  if (!enc) return (int)cudaErrorNotSupported;
+  cuuint32_t ones[RANK];
+  for (int i = 0; i < RANK; ++i) ones[i] = 1;
+  const CUresult r = enc(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, RANK, const_cast<void*>(base), dims,
+                         strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                         CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : (int)cudaErrorInvalidValue;
+}
+
 template <typename T>
 static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
-                       const uint8_t* qweight, const int8_t* multT, const float* row_scale,
-                       const void* act, const void* up, int R, const void* bias, void* y, int M,
-                       int N, int K, cudaStream_t stream) {
-  cudaError_t e = cudaFuncSetAttribute(svdq::gemm_sm90_kernel<T>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, svdq::H_SMEM);
+                      const uint8_t* qweight, const int8_t* multT, const float* row_scale,
+                      const void* act, const void* up, int R, const void* bias, void* y, int M,
+                      int N, int K, cudaStream_t stream) {
+  using namespace svdq;
+  CUtensorMap tc, tw, tm;
+  int rc = make_map<2>(&tc, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
+                       {(cuuint32_t)H_BK, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (!rc)
+    rc = make_map<3>(&tw, qweight, {32, (cuuint64_t)N, (cuuint64_t)(K / 64)},
+                     {(cuuint64_t)(K / 2), 32}, {32, (cuuint32_t)H_BN, 2},
+                     CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (!rc)
+    rc = make_map<2>(&tm, multT, {(cuuint64_t)N, (cuuint64_t)(K / 64)}, {(cuuint64_t)N},
+                     {(cuuint32_t)H_BN, 2}, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (rc) return rc;
+  cudaError_t e = cudaFuncSetAttribute(gemm_sm90_kernel<T>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
   if (e != cudaSuccess) return (int)e;
-  dim3 grid((N + svdq::H_BN - 1) / svdq::H_BN, (M + svdq::H_BT - 1) / svdq::H_BT);
-  svdq::gemm_sm90_kernel<T><<<grid, svdq::H_THREADS, svdq::H_SMEM, stream>>>(
-      codes, sx, sumq, qweight, multT, row_scale, (const T*)act, (const T*)up, R, (const T*)bias,
-      (T*)y, M, N, K);
+  dim3 grid((N + H_BN - 1) / H_BN, (M + H_BT - 1) / H_BT);
+  gemm_sm90_kernel<T><<<grid, H_THREADS, H_SMEM, stream>>>(
+      tc, tw, tm, sx, sumq, row_scale, (const T*)act, (const T*)up, R, (const T*)bias, (T*)y, M,
+      N, K);
   return (int)cudaGetLastError();
 }
+#endif  // SVDQ_SM90A
 
 int svdq_w4a8_gemm_sm90(const int8_t* codes, const float* sx, const int* sumq,
                         const uint8_t* qweight, const int8_t* multT, const float* row_scale,

@@ -191,13 +191,14 @@ def test_deterministic_and_poison(gen):
     check_close(y1, ref.forward(layer, ref.prepare(layer), x), dtype, layer=layer, x=x)
 
 
-def _gemm_variants():
+def _gemm_variants(n=16):
     from svdq import build
-    return (1, 2) if build.load().WGMMA else (1,)
+    return (1, 2) if build.load().WGMMA and n % 16 == 0 else (1,)
 
 
 GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
-               (257, 320, 1000), (129, 15360, 264), (300, 704, 392)]
+               (257, 320, 1000), (129, 15360, 264), (300, 704, 392), (7, 192, 144),
+               (257, 320, 1008), (129, 15360, 272)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -212,7 +213,7 @@ def test_gemm_variants_bitwise(gen, m, k, n, rank, dtype):
     layer = make_layer(gen, k, n, rank, dtype)
     x = make_x(gen, m, k, dtype)
     outs = {}
-    for v in _gemm_variants():
+    for v in _gemm_variants(n):
         be = CudaBackend()
         be.gemm_variant = v
         outs[v] = be.run(layer, be.prepare(layer), x,
@@ -227,16 +228,20 @@ def test_gemm_variants_bitwise(gen, m, k, n, rank, dtype):
 
 
 def test_gemm_variant_unavailable_is_refused(gen):
-    """A build without wgmma refuses variant 2 with a message that says what it needs."""
+    """Variant 2 (wgmma) is refused with a message that says what it needs: an sm_90a build
+    elsewhere, out_features % 16 == 0 on Hopper (its TMA copies need 16-byte strides)."""
     from svdq import build
     from svdq.backends.cuda import CudaBackend
-    if build.load().WGMMA:
-        pytest.skip("this build has the wgmma kernels (Hopper); the refusal applies elsewhere")
     be = CudaBackend()
     be.gemm_variant = 2
-    layer = make_layer(gen, 128, 8, 0, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="sm_90a"):
+    if build.load().WGMMA:
+        n, match = 136, "N % 16"
+    else:
+        n, match = 16, "sm_90a"
+    layer = make_layer(gen, 128, n, 0, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=match):
         be.run(layer, be.prepare(layer), make_x(gen, 3, 128, torch.bfloat16))
+    assert CudaBackend().gemm_variant_for(3, n, "cuda") == 1   # the automatic choice falls back
 
 
 def test_lora_segments_odd_rank(gen):

@@ -85,11 +85,21 @@ class CudaBackend:
         return _build.load()
 
     def gemm_variant_for(self, m: int, n: int, device) -> int:
-        """The GEMM kernel for an M x N output: wgmma where the build has it (Hopper), else
-        mma.sync."""
-        if self.gemm_variant is not None:
-            return self.gemm_variant
-        return 2 if getattr(_build.load(), "WGMMA", False) else 1
+        """The GEMM kernel for an M x N output: wgmma where the build has it (Hopper) and its TMA
+        copies allow (N % 16 == 0), else mma.sync."""
+        wgmma = getattr(_build.load(), "WGMMA", False)
+        if self.gemm_variant is None:
+            return 2 if wgmma and n % 16 == 0 else 1
+        if self.gemm_variant == 2 and not wgmma:
+            raise RuntimeError("svdq gemm: variant 2 (wgmma) needs a Hopper GPU and an extension "
+                               "built for sm_90a; unset SVDQ_GEMM_VARIANT or use 1")
+        if self.gemm_variant == 2 and n % 16:
+            raise RuntimeError(f"svdq gemm: variant 2 (wgmma) needs out_features N % 16 == 0 (its "
+                               f"TMA copies need 16-byte strides), got N={n}; use variant 1")
+        if self.gemm_variant not in (1, 2):
+            raise RuntimeError(f"svdq gemm: variant {self.gemm_variant} is not 1 (mma.sync) or 2 "
+                               "(wgmma)")
+        return self.gemm_variant
 
     def prepare(self, layer):
         if layer.kind == "w4a16":
@@ -159,6 +169,7 @@ class CudaBackend:
         x = x.contiguous()
         m, k = x.shape
         n = layer.out_features
+        variant = self.gemm_variant_for(m, n, x.device)   # refuses an unavailable choice first
         dt = x.dtype
         br = self._branch(layer, prep)
         down = self._as(br["down"], dt)
@@ -174,7 +185,7 @@ class CudaBackend:
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
         ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
-                 self.gemm_variant_for(m, n, dev))
+                 variant)
         if return_parts:
             return y, (codes, sx, sumq, act)
         return y
