@@ -21,7 +21,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # svdq only; the bench never imports the ComfyUI nodes
 
-GEMM_VARIANTS = (1,)   # 1 mma.sync; 2 wgmma (Hopper builds)
 ACT_VARIANTS = (0, 1)   # activation kernel: 16 or 8 tokens per block (csrc/w4a8.cu)
 SHAPES = [("qkv", 3072, 9216), ("proj", 3072, 3072), ("mlp_fc1", 3072, 12288),
           ("mlp_fc2", 12288, 3072), ("single_in", 3072, 21504), ("single_out", 15360, 3072)]
@@ -76,8 +75,7 @@ def main():
     print(f"extension load: {time.perf_counter() - t0:.2f} s; {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
     be = CudaBackend()
-    global GEMM_VARIANTS
-    GEMM_VARIANTS = (1, 2) if build.load().WGMMA else (1,)
+    gemm_variants = (1, 2) if build.load().WGMMA else (1,)   # 1 mma.sync; 2 wgmma (Hopper)
     torch.manual_seed(0)
     rows, mem = [], []
     for name, k, n in SHAPES:
@@ -116,11 +114,11 @@ def main():
             av = be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)
             t["act32"] = t[f"act32v{av}"]
             ext.act_quant(x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act)
-            for v in GEMM_VARIANTS:
+            for v in gemm_variants:
                 t[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
                     codes, sx, sq, layers[32].qweight, pr["multT"], pr["row_scale"], act, up,
                     layers[32].bias, y, v))
-            gv = be.gemm_variant_for(m, n, "cuda")
+            gv = be.gemm_variant_for(n)
             t["gemm32"] = t[f"gemm32v{gv}"]
             t["gemm_variant"] = gv
             flop = 2.0 * m * n * k
@@ -129,7 +127,7 @@ def main():
             print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
                 f"{key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF" for key in
                 ("bf16", "fp8", "r0", "r32") + tuple(f"act32v{v}" for v in ACT_VARIANTS)
-                + tuple(f"gemm32v{v}" for v in GEMM_VARIANTS)) + f"  (layer gemm v{gv})",
+                + tuple(f"gemm32v{v}" for v in gemm_variants)) + f"  (layer gemm v{gv})",
                 flush=True)
         del w, w8, layers, preps
         torch.cuda.empty_cache()
@@ -154,7 +152,7 @@ def main():
         gm = lambda key: math.exp(sum(math.log(r["bf16"] / r[key]) for r in sel) / len(sel))
         print(f"geomean x bf16 at M={m}: fp8+q {gm('fp8'):.2f}  ours r0 {gm('r0'):.2f}  "
               f"ours r32 {gm('r32'):.2f}  (gemm alone r32: "
-              + ", ".join(f"variant {v} {gm(f'gemm32v{v}'):.2f}" for v in GEMM_VARIANTS)
+              + ", ".join(f"variant {v} {gm(f'gemm32v{v}'):.2f}" for v in gemm_variants)
               + f"; as the layer picks {gm('gemm32'):.2f}, variants "
               + "/".join(str(r["gemm_variant"]) for r in sel) + ")")
         print(f"  activation kernel r32, mean ms at M={m}: "

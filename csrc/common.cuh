@@ -50,9 +50,13 @@ __device__ __forceinline__ void mma_u8s8(int d[4], const uint32_t a[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
                                             const void* smem_ptr) {
-  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  const uint32_t a = smem_u32(smem_ptr);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(a));
@@ -60,12 +64,12 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t
 
 // cp.async with zero fill: src_bytes = 0 writes zeros (used for the K tail of a k-tile).
 __device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gptr, int src_bytes) {
-  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  const uint32_t a = smem_u32(smem_ptr);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gptr),
                "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async4(void* smem_ptr, const void* gptr, int src_bytes) {
-  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  const uint32_t a = smem_u32(smem_ptr);
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(gptr),
                "r"(src_bytes));
 }

@@ -63,10 +63,6 @@ static_assert(H_SMEM + 1024 <= 228 * 1024, "one CTA per SM");
 static_assert(H_TX <= H_STAGE && H_BT * out_stride<H_BN>() * 2 <= H_STAGES * H_STAGE,
               "a stage holds a k-tile's copies; the stages hold the output tile");
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in
 // bits 0-13, leading byte offset >> 4 in 16-29 (unused by K-major swizzled layouts), stride
 // byte offset >> 4 in 32-45 (1024: eight 128-byte rows), swizzle mode in 62-63 (1 = 128 bytes).
@@ -150,6 +146,15 @@ __device__ __forceinline__ void mbar_wait(uint64_t* b, int parity) {
         "selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
 }
+// mbar_wait's non-suspending twin: the loader polls with it and never blocks
+__device__ __forceinline__ bool mbar_test(uint64_t* b, int parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+  return done != 0;
+}
 __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int c0, int c1,
                                        uint64_t* bar) {
   asm volatile(
@@ -161,15 +166,6 @@ __device__ __forceinline__ void tma_3d(void* dst, const CUtensorMap* map, int c0
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
       ::"r"(smem_u32(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)) : "memory");
-}
-
-__device__ __forceinline__ bool mbar_test(uint64_t* b, int parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
-  return done != 0;
 }
 
 template <typename T>

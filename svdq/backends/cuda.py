@@ -84,8 +84,8 @@ class CudaBackend:
     def ext():
         return _build.load()
 
-    def gemm_variant_for(self, m: int, n: int, device) -> int:
-        """The GEMM kernel for an M x N output: wgmma where the build has it (Hopper) and its TMA
+    def gemm_variant_for(self, n: int) -> int:
+        """The GEMM kernel for N output channels: wgmma where the build has it (Hopper) and its TMA
         copies allow (N % 16 == 0), else mma.sync."""
         wgmma = getattr(_build.load(), "WGMMA", False)
         if self.gemm_variant is None:
@@ -169,7 +169,7 @@ class CudaBackend:
         x = x.contiguous()
         m, k = x.shape
         n = layer.out_features
-        variant = self.gemm_variant_for(m, n, x.device)   # refuses an unavailable choice first
+        variant = self.gemm_variant_for(n)   # refuses an unavailable choice first
         dt = x.dtype
         br = self._branch(layer, prep)
         down = self._as(br["down"], dt)
