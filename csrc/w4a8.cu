@@ -58,6 +58,8 @@
 // low-rank MMAs accumulate straight into the dequantized main result.
 // ---------------------------------------------------------------------------------------------
 
+#include <cfloat>
+
 #include "common.cuh"
 
 namespace svdq {
@@ -77,40 +79,40 @@ namespace svdq {
 //     per pass; more than 64 (LoRA-extended branches) take further passes, which re-read x
 //     from L2. The eight warps' partial sums meet in shared memory and are added in warp order
 //     (deterministic, no atomics), then scaled by rank_scale and rounded once to T.
-//     Earlier versions staged x and down through shared memory in 64-wide k chunks with a
-//     block barrier per chunk: issue- and latency-bound at 47 us for 4608 x 3072 against a
-//     10 us memory floor (bench/NOTES.md, runs 1-8).
-//   C (quantize): warp w quantizes rows w, w+8: 16-byte loads (the re-read of the block's rows
-//     hits L2 unless K is large), code = rint(xs / scale) exactly as the IEEE quotient would
-//     round (see quantize8x8), stored in the permuted order P(j); the code sum comes from a warp
-//     reduction.
+//   C (quantize): warp w quantizes rows w and w+8 together, ACT_CB chunks of 8 values per row in
+//     flight (the re-read of the block's rows hits L2 unless K is large), code = rint(xs * rcp)
+//     with rcp = RN(1/scale) (quantize_chunk), stored in the permuted order P(j); the code sum
+//     comes from a warp reduction.
+// What bounds it (bench/NOTES.md, session 5, ncu): not bandwidth but the latency of each warp's
+// chain of dependent loads and, at full occupancy, instruction issue (0.38 issued per scheduler
+// and cycle); phase C was 65% of the instructions and 58% of the stall samples until it batched
+// its loads and dropped the division-exact rounding (47 -> 35 us for 4608 x 3072, rank 32).
 // TM = tokens per block: 16 (one full m16 tile) or 8 (rows 8..15 of the m16 tile are zeros and
 // never loaded: twice the blocks for small M). Launcher variant 0 = 16, 1 = 8.
 constexpr int ACT_WARPS = 8;
 constexpr int ACT_THREADS = ACT_WARPS * 32;
 constexpr int ACT_RCHUNK = 64;   // ranks per pass: 8 n8 tiles, 32 fp32 accumulators per lane
+constexpr int ACT_CB = 4;        // phase C: chunks of 8 values per lane and row in flight
 
-// rint(xs / scale) as IEEE division then round-half-even would give, without dividing in the
-// common case: q0 = xs * (1/scale) is within 2^-22 |q| of the correctly rounded quotient, so
-// rint(q0) is the same integer unless q0 lies within that distance of a half-integer. A group
-// of 8 values with such a value anywhere (rare on real data) is redone with __fdiv_rn; one
-// branch per 8 values keeps the common path short. The test is 4x wider than the error bound.
-// scale == 0 (an all-zero token) gives rcp = 0, q0 = 0, codes 0, and never the slow path.
-__device__ __forceinline__ void quantize8x8(const float xs[8], float scale, float rcp, int c[8]) {
-  float r[8];
-  bool hazard = false;
+// Phase C's quantizer for one 8-value chunk: code = rint(xs * rcp), rcp = RN(1/scale), exactly
+// as quant.quantize_act (svdq/quant.py). Adding 1.5 * 2^23 rounds to the nearest integer, ties to
+// even (|q| < 2^22), and leaves that integer in the low mantissa bits, so its low byte is the
+// int8 code: one FADD per value instead of rint, a convert and a clamp. |xs| <= amax, so
+// |q| <= 127 (1 + 2^-23)^3 < 127.5 and no clamp is needed for finite input. __fmul_rn / __fadd_rn
+// keep the compiler from fusing the two roundings into an FMA. Natural values j0..j0+7 share
+// (tq, s) of P(j): the even ones go to the low-nibble word, the odd ones to the high-nibble word.
+template <typename T>
+__device__ __forceinline__ void quantize_chunk(uint4 v, float4 s0, float4 s1, float rcp,
+                                               uint32_t& lo, uint32_t& hi, int& sum) {
+  const T* p = reinterpret_cast<const T*>(&v);
+  const float s[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+  uint32_t b[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const float q0 = __fmul_rn(xs[e], rcp);
-    r[e] = rintf(q0);
-    hazard |= fabsf(fabsf(q0 - r[e]) - 0.5f) <= fabsf(q0) * 9.5367431640625e-7f;  // 2^-20 |q0|
-  }
-  if (hazard) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) r[e] = rintf(__fdiv_rn(xs[e], scale));
-  }
-#pragma unroll
-  for (int e = 0; e < 8; ++e) c[e] = max(-127, min(127, (int)r[e]));
+  for (int e = 0; e < 8; ++e)
+    b[e] = __float_as_uint(__fadd_rn(__fmul_rn(__fmul_rn(F16<T>::to_f(p[e]), s[e]), rcp), 12582912.f));
+  lo = __byte_perm(__byte_perm(b[0], b[2], 0x0040), __byte_perm(b[4], b[6], 0x0040), 0x5410);
+  hi = __byte_perm(__byte_perm(b[1], b[3], 0x0040), __byte_perm(b[5], b[7], 0x0040), 0x5410);
+  sum = __dp4a((int)lo, 0x01010101, __dp4a((int)hi, 0x01010101, sum));
 }
 
 __device__ __forceinline__ uint4 ld128(const void* p) { return *reinterpret_cast<const uint4*>(p); }
@@ -162,7 +164,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
            float* __restrict__ sx, int* __restrict__ sumq, T* __restrict__ act) {
   __shared__ float part[ACT_WARPS][16][ACT_RCHUNK + 1];  // per-warp branch sums (+1: banks)
   __shared__ float amax_w[ACT_WARPS][16];
-  __shared__ float scale_s[16];
+  __shared__ float rcp_s[16];
   static_assert(TM == 8 || TM == 16, "TM is 8 or 16");
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
@@ -223,48 +225,70 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 #pragma unroll
     for (int w = 1; w < ACT_WARPS; ++w) am = fmaxf(am, amax_w[w][tid]);
     const float scale = __fdiv_rn(am, 127.f);
-    scale_s[tid] = scale;
+    rcp_s[tid] = fminf(__frcp_rn(scale), FLT_MAX);  // scale 0 (a zero token): codes 0
     if (t0 + tid < M) sx[t0 + tid] = scale;
   }
   __syncthreads();
 
-  // phase C: quantize, one warp per row (rows warp, warp + 8)
-  for (int row = warp; row < TM; row += ACT_WARPS) {
-    const int t = t0 + row;
-    if (t >= M) break;
-    const float scale = scale_s[row];
-    const float rcp = scale > 0.f ? 1.f / scale : 0.f;  // any rounding: see quantize8x8
-    const T* xr = x + (size_t)t * K;
-    int8_t* cr = codes + (size_t)t * K;
-    int sum = 0;
-#pragma unroll 8
-    for (int q = lane; q < K / 8; q += 32) {
-      const int j0 = q * 8;
-      const uint4 v = *reinterpret_cast<const uint4*>(xr + j0);
-      const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + j0);
-      const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + j0 + 4);
-      const T* pv = reinterpret_cast<const T*>(&v);
-      const float smv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-      float xs[8];
+  // phase C: warp w takes rows w and w + 8 together (one inv_smooth load serves both). Each
+  // lane issues ACT_CB chunks per row before using any; the loads are unconditional (indices
+  // past K/8 re-read the last chunk, rows past M re-read row M-1, neither is stored) and no
+  // branch separates them, so they overlap instead of costing one L2 round trip per chunk.
+  const int ta = t0 + warp, tb = ta + 8;
+  constexpr bool has_b = TM == 16;
+  if (ta >= M) return;
+  const float rcp_a = rcp_s[warp], rcp_b = has_b ? rcp_s[warp + 8] : 0.f;
+  const T* xa = x + (size_t)ta * K;
+  const T* xb = x + (size_t)min(tb, M - 1) * K;
+  int8_t* ca = codes + (size_t)ta * K;
+  int8_t* cb = codes + (size_t)tb * K;
+  const bool store_b = has_b && tb < M;
+  int sum_a = 0, sum_b = 0;
+  const int nq = K / 8;
+  for (int q0 = lane; q0 < nq; q0 += 32 * ACT_CB) {
+    uint4 va[ACT_CB], vb[ACT_CB];
+    float4 s0[ACT_CB], s1[ACT_CB];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) xs[e] = __fmul_rn(F16<T>::to_f(pv[e]), smv[e]);
-      int c[8];
-      quantize8x8(xs, scale, rcp, c);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sum += c[e];
-      // natural j0..j0+7 share (tq, s); even e -> half 0 at byte e/2, odd e -> half 1.
-      const int jj = j0 & 63, base = j0 - jj;
-      const int tqq = jj / 16, s = (jj / 8) & 1;
-      const uint32_t lo = (uint32_t)(c[0] & 0xff) | ((uint32_t)(c[2] & 0xff) << 8) |
-                          ((uint32_t)(c[4] & 0xff) << 16) | ((uint32_t)(c[6] & 0xff) << 24);
-      const uint32_t hi = (uint32_t)(c[1] & 0xff) | ((uint32_t)(c[3] & 0xff) << 8) |
-                          ((uint32_t)(c[5] & 0xff) << 16) | ((uint32_t)(c[7] & 0xff) << 24);
-      *reinterpret_cast<uint32_t*>(cr + base + 32 * s + 4 * tqq) = lo;
-      *reinterpret_cast<uint32_t*>(cr + base + 32 * s + 16 + 4 * tqq) = hi;
+    for (int c = 0; c < ACT_CB; ++c) {
+      const int j0 = min(q0 + 32 * c, nq - 1) * 8;
+      va[c] = ld128(xa + j0);
+      if (has_b) vb[c] = ld128(xb + j0);
+      s0[c] = *reinterpret_cast<const float4*>(inv_smooth + j0);
+      s1[c] = *reinterpret_cast<const float4*>(inv_smooth + j0 + 4);
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) sumq[t] = sum;
+    for (int c = 0; c < ACT_CB; ++c) {
+      const int q = q0 + 32 * c;
+      const bool valid = q < nq;
+      const int j0 = min(q, nq - 1) * 8, jj = j0 & 63;
+      const int off = j0 - jj + 32 * ((jj / 8) & 1) + 4 * (jj / 16);  // P(j0) of the low word
+      uint32_t lo, hi;
+      int part_sum = 0;
+      quantize_chunk<T>(va[c], s0[c], s1[c], rcp_a, lo, hi, part_sum);
+      if (valid) {
+        *reinterpret_cast<uint32_t*>(ca + off) = lo;
+        *reinterpret_cast<uint32_t*>(ca + off + 16) = hi;
+        sum_a += part_sum;
+      }
+      if (has_b) {
+        part_sum = 0;
+        quantize_chunk<T>(vb[c], s0[c], s1[c], rcp_b, lo, hi, part_sum);
+        if (valid && store_b) {
+          *reinterpret_cast<uint32_t*>(cb + off) = lo;
+          *reinterpret_cast<uint32_t*>(cb + off + 16) = hi;
+          sum_b += part_sum;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, o);
+    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, o);
+  }
+  if (lane == 0) {
+    sumq[ta] = sum_a;
+    if (store_b) sumq[tb] = sum_b;
   }
 }
 

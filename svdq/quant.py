@@ -82,9 +82,10 @@ def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor:
 def quantize_act(x: torch.Tensor, bits: int, group: int | None, unsigned: bool = False):
     """x [M, K] float32 -> (codes [M, K] float32 holding integers, scales [M, G] float32).
 
-    scale = amax / qmax in fp32, code = rint(x / scale) clamped to the range (IEEE division and
-    round-half-to-even, as the kernels do with __fdiv_rn / __float2int_rn). A zero group gets
-    scale 0 and codes 0. group=None means one scale per token.
+    scale = amax / qmax (IEEE division), code = rint(x * rcp) clamped to the range, with
+    rcp = 1 / scale rounded to fp32 once per group and round-half-to-even: the kernels multiply
+    by that reciprocal rather than divide each value (docs/kernels.md). A zero group gets scale 0
+    (rcp saturates to the largest float) and codes 0. group=None means one scale per token.
     """
     if unsigned:
         qmin, qmax = 0, (1 << bits) - 1
@@ -96,12 +97,11 @@ def quantize_act(x: torch.Tensor, bits: int, group: int | None, unsigned: bool =
     _check_groups(x, "quantize_act", g)
     xg = x.float().reshape(m, k // g, g)
     amax = xg.abs().amax(-1) if not unsigned else xg.clamp_min(0).amax(-1)
-    # A tensor divisor, not the Python int: on CUDA, torch divides by a CPU scalar as a
-    # multiplication with its fp32 reciprocal, which is not the IEEE quotient the kernels use.
+    # Tensor / tensor: on CUDA, torch divides by a CPU scalar as a multiplication with its fp32
+    # reciprocal, which is not the IEEE quotient the kernels use.
     scale = amax / torch.full_like(amax, qmax)
-    safe = torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
-    codes = torch.round(xg / safe).clamp(qmin, qmax)
-    codes = torch.where(scale.unsqueeze(-1) > 0, codes, 0.0)
+    rcp = (torch.ones_like(scale) / scale).clamp_max(torch.finfo(torch.float32).max)
+    codes = torch.round(xg * rcp.unsqueeze(-1)).clamp(qmin, qmax)
     return codes.reshape(m, k), scale
 
 

@@ -59,10 +59,11 @@ class CudaBackend:
     gemm_variant = (int(os.environ["SVDQ_GEMM_VARIANT"]) if os.environ.get("SVDQ_GEMM_VARIANT")
                     else None)
     # activation kernel tokens per block: 0 = 16, 1 = 8 (csrc/w4a8.cu); None = by token count:
-    # 8-token blocks win below ~2k tokens (more blocks in flight), 16 above (bench/NOTES.md)
+    # 8-token blocks win below ~512 tokens (more blocks in flight), 16 above (bench/NOTES.md,
+    # runs 20 and 23)
     act_variant = (int(os.environ["SVDQ_ACT_VARIANT"]) if os.environ.get("SVDQ_ACT_VARIANT")
                    else None)
-    ACT_SMALL_M = 2048
+    ACT_SMALL_M = 512
 
     def available(self, device):
         device = torch.device(device) if device is not None else torch.device("cuda")
