@@ -7,11 +7,13 @@
 // the 4-bit weights, widened to int8 in registers, are A (the M side: 64 output channels per
 // warpgroup) and the activation codes are B (the N side: 256 tokens). Per warp of the warpgroup,
 // wgmma's A registers and its s32 accumulators are laid out as mma.m16n8k32's (rows 16w + g,
-// 16w + g + 8; tokens 8i + 2tq + {0, 1}), so widen_group and epilogue_m16 (csrc/common.cuh)
-// serve both kernels unchanged, and both give the same bits.
+// 16w + g + 8; tokens 8i + 2tq + {0, 1}), so widen_group (csrc/common.cuh) serves both kernels
+// unchanged. The epilogue computes epilogue_m16's numbers in the same order, with the low-rank
+// up-projection on wgmma (k16 steps into the dequantized fp32 accumulators) instead of
+// mma.sync; the tests assert that both kernels give the same bits.
 //
 // CTA: 2 warpgroups (256 threads) x 64 channels = BN 128 channels, BT = 256 tokens, k-tile 128
-// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (~228
+// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (254
 // registers). Shared memory per stage, 1024-aligned, filled by the tensor memory accelerator:
 //
 //   [0, BT*128)      activation codes [BT tokens][128 bytes], 2-D tensor map [M][K] with box
@@ -24,8 +26,12 @@
 //                    half-warp's LDS.64 (rows g..g+3, 8 bytes at 8tq) covers 128 contiguous bytes
 //   [.., +256)       multipliers [2 groups][128 rows]: 2-D map [K/64][N] (its 16-byte row
 //                    stride needs N % 16 == 0; the caller falls back to mma.sync otherwise)
-// Boxes past M, N or K arrive zero-filled: zero codes add nothing, and those outputs are never
-// stored.
+// After the stages, the branch activation act [BT tokens][64 ranks] (32 KB): a 2-D map over act
+// [M][R] (as bytes) with box 128 bytes x BT and the same 128-byte swizzle, i.e. the K-major B
+// operand of a 16-bit wgmma, whose k16 step s starts 32*s bytes in. Ranks past 64 come as
+// further slabs into the same buffer.
+// Boxes past M, N, K or R arrive zero-filled: zero codes add nothing, zero ranks are never
+// multiplied (the epilogue issues R/16 steps), and outputs past M or N are never stored.
 //
 // Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
 // landed (mbarrier transaction count), empty[s] when all eight warps have finished the wgmmas
@@ -38,7 +44,9 @@
 //
 // Measured on the H200 (bench/NOTES.md, run 16): this kernel 1.30x bf16 alone at M = 4608 against
 // 1.20x for the same kernel with 128-token tiles at two CTAs per SM and 1.17x for the cp.async
-// version with a CTA barrier per k-tile.
+// version with a CTA barrier per k-tile. Runs 24-26: the mma.sync epilogue's branch (a chain of
+// dependent global loads per n8 tile) cost 15% of this GEMM at rank 32 and 48% at rank 64
+// (3072 -> 21504); on wgmma it costs 3-4% and 7%.
 
 #include "common.cuh"
 
@@ -58,8 +66,11 @@ constexpr int H_W = H_BT * H_BK;                                    // weights a
 constexpr int H_MULT = H_W + 2 * H_BN * 32;                         // multipliers after them
 constexpr int H_STAGE = (H_MULT + 2 * H_BN + 1023) / 1024 * 1024;   // 41 KB
 constexpr int H_TX = H_BT * H_BK + 2 * H_BN * 32 + 2 * H_BN;        // bytes copied per stage
-constexpr int H_SMEM = H_STAGES * H_STAGE + 1024 + 1024;            // + barriers + alignment
-static_assert(H_SMEM + 1024 <= 228 * 1024, "one CTA per SM");
+constexpr int H_ACT = H_STAGES * H_STAGE;   // the branch activation, 64 ranks at a time
+constexpr int H_ACT_R = 64, H_ACT_BYTES = H_BT * H_ACT_R * 2;
+constexpr int H_BARS = H_ACT + H_ACT_BYTES;
+constexpr int H_SMEM = H_BARS + 1024 + 1024;                        // + barriers + alignment
+static_assert(H_SMEM <= 227 * 1024, "one CTA per SM, within the opt-in shared memory");
 static_assert(H_TX <= H_STAGE && H_BT * out_stride<H_BN>() * 2 <= H_STAGES * H_STAGE,
               "a stage holds a k-tile's copies; the stages hold the output tile");
 
@@ -84,48 +95,74 @@ template <int NT> __device__ __forceinline__ void pin(int (&d)[NT][4]) {
   for (int i = 0; i < NT; ++i)
     asm volatile("" : "+r"(d[i][0]), "+r"(d[i][1]), "+r"(d[i][2]), "+r"(d[i][3])::"memory");
 }
+template <int NT> __device__ __forceinline__ void pin(float (&d)[NT][4]) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+    asm volatile("" : "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])::"memory");
+}
 
-// d[64 x 8*NT] += A (4 registers per thread, u8) x B (descriptor, s8, K-major), s32.
-template <int NT> __device__ __forceinline__ void wgmma_u8s8(int (&d)[NT][4], const uint32_t a[4],
-                                                             uint64_t desc);
-template <> __device__ __forceinline__ void wgmma_u8s8<32>(int (&d)[32][4], const uint32_t a[4],
+// The 128 accumulator operands of an m64n256 wgmma (32 n8 tiles x 4 registers per thread), for
+// the asm statements below; c is the constraint ("+r" for s32, "+f" for f32).
+#define SVDQ_D128 \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+  "}"
+#define SVDQ_ACC4(c, d, i) c(d[i][0]), c(d[i][1]), c(d[i][2]), c(d[i][3])
+#define SVDQ_ACC128(c, d) \
+  SVDQ_ACC4(c, d, 0), SVDQ_ACC4(c, d, 1), SVDQ_ACC4(c, d, 2), SVDQ_ACC4(c, d, 3), \
+  SVDQ_ACC4(c, d, 4), SVDQ_ACC4(c, d, 5), SVDQ_ACC4(c, d, 6), SVDQ_ACC4(c, d, 7), \
+  SVDQ_ACC4(c, d, 8), SVDQ_ACC4(c, d, 9), SVDQ_ACC4(c, d, 10), SVDQ_ACC4(c, d, 11), \
+  SVDQ_ACC4(c, d, 12), SVDQ_ACC4(c, d, 13), SVDQ_ACC4(c, d, 14), SVDQ_ACC4(c, d, 15), \
+  SVDQ_ACC4(c, d, 16), SVDQ_ACC4(c, d, 17), SVDQ_ACC4(c, d, 18), SVDQ_ACC4(c, d, 19), \
+  SVDQ_ACC4(c, d, 20), SVDQ_ACC4(c, d, 21), SVDQ_ACC4(c, d, 22), SVDQ_ACC4(c, d, 23), \
+  SVDQ_ACC4(c, d, 24), SVDQ_ACC4(c, d, 25), SVDQ_ACC4(c, d, 26), SVDQ_ACC4(c, d, 27), \
+  SVDQ_ACC4(c, d, 28), SVDQ_ACC4(c, d, 29), SVDQ_ACC4(c, d, 30), SVDQ_ACC4(c, d, 31)
+
+// d[64 x 256] += A (4 registers per thread, u8) x B (descriptor, s8, K-major), s32.
+__device__ __forceinline__ void wgmma_u8s8(int (&d)[32][4], const uint32_t a[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 " SVDQ_D128
+               ", {%128, %129, %130, %131}, %132, 1;\n"
+               : SVDQ_ACC128("+r", d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+// d[64 x 256] += A (4 registers per thread, T) x B (descriptor, T, K-major), f32: the low-rank
+// up-projection, k16 per call.
+template <typename T>
+__device__ __forceinline__ void wgmma_f32(float (&d)[32][4], const uint32_t a[4], uint64_t desc);
+template <>
+__device__ __forceinline__ void wgmma_f32<__nv_bfloat16>(float (&d)[32][4], const uint32_t a[4],
                                                          uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, "
-      "%8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, "
-      "%24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, "
-      "%40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, "
-      "%56, %57, %58, %59, %60, %61, %62, %63, "
-      "%64, %65, %66, %67, %68, %69, %70, %71, "
-      "%72, %73, %74, %75, %76, %77, %78, %79, "
-      "%80, %81, %82, %83, %84, %85, %86, %87, "
-      "%88, %89, %90, %91, %92, %93, %94, %95, "
-      "%96, %97, %98, %99, %100, %101, %102, %103, "
-      "%104, %105, %106, %107, %108, %109, %110, %111, "
-      "%112, %113, %114, %115, %116, %117, %118, %119, "
-      "%120, %121, %122, %123, %124, %125, %126, %127"
-      "}, {%128, %129, %130, %131}, %132, 1;\n"
-      : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]),
-        "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3]),
-        "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]), "+r"(d[5][0]), "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3]),
-        "+r"(d[6][0]), "+r"(d[6][1]), "+r"(d[6][2]), "+r"(d[6][3]), "+r"(d[7][0]), "+r"(d[7][1]), "+r"(d[7][2]), "+r"(d[7][3]),
-        "+r"(d[8][0]), "+r"(d[8][1]), "+r"(d[8][2]), "+r"(d[8][3]), "+r"(d[9][0]), "+r"(d[9][1]), "+r"(d[9][2]), "+r"(d[9][3]),
-        "+r"(d[10][0]), "+r"(d[10][1]), "+r"(d[10][2]), "+r"(d[10][3]), "+r"(d[11][0]), "+r"(d[11][1]), "+r"(d[11][2]), "+r"(d[11][3]),
-        "+r"(d[12][0]), "+r"(d[12][1]), "+r"(d[12][2]), "+r"(d[12][3]), "+r"(d[13][0]), "+r"(d[13][1]), "+r"(d[13][2]), "+r"(d[13][3]),
-        "+r"(d[14][0]), "+r"(d[14][1]), "+r"(d[14][2]), "+r"(d[14][3]), "+r"(d[15][0]), "+r"(d[15][1]), "+r"(d[15][2]), "+r"(d[15][3]),
-        "+r"(d[16][0]), "+r"(d[16][1]), "+r"(d[16][2]), "+r"(d[16][3]), "+r"(d[17][0]), "+r"(d[17][1]), "+r"(d[17][2]), "+r"(d[17][3]),
-        "+r"(d[18][0]), "+r"(d[18][1]), "+r"(d[18][2]), "+r"(d[18][3]), "+r"(d[19][0]), "+r"(d[19][1]), "+r"(d[19][2]), "+r"(d[19][3]),
-        "+r"(d[20][0]), "+r"(d[20][1]), "+r"(d[20][2]), "+r"(d[20][3]), "+r"(d[21][0]), "+r"(d[21][1]), "+r"(d[21][2]), "+r"(d[21][3]),
-        "+r"(d[22][0]), "+r"(d[22][1]), "+r"(d[22][2]), "+r"(d[22][3]), "+r"(d[23][0]), "+r"(d[23][1]), "+r"(d[23][2]), "+r"(d[23][3]),
-        "+r"(d[24][0]), "+r"(d[24][1]), "+r"(d[24][2]), "+r"(d[24][3]), "+r"(d[25][0]), "+r"(d[25][1]), "+r"(d[25][2]), "+r"(d[25][3]),
-        "+r"(d[26][0]), "+r"(d[26][1]), "+r"(d[26][2]), "+r"(d[26][3]), "+r"(d[27][0]), "+r"(d[27][1]), "+r"(d[27][2]), "+r"(d[27][3]),
-        "+r"(d[28][0]), "+r"(d[28][1]), "+r"(d[28][2]), "+r"(d[28][3]), "+r"(d[29][0]), "+r"(d[29][1]), "+r"(d[29][2]), "+r"(d[29][3]),
-        "+r"(d[30][0]), "+r"(d[30][1]), "+r"(d[30][2]), "+r"(d[30][3]), "+r"(d[31][0]), "+r"(d[31][1]), "+r"(d[31][2]), "+r"(d[31][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " SVDQ_D128
+               ", {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
+               : SVDQ_ACC128("+f", d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma_f32<__half>(float (&d)[32][4], const uint32_t a[4],
+                                                  uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " SVDQ_D128
+               ", {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
+               : SVDQ_ACC128("+f", d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+// f += up (ua: STEPS k16 fragments) x the act slab at shared address sa, and wait for it.
+template <typename T, int STEPS>
+__device__ __forceinline__ void lowrank_wgmma(float (&f)[32][4], const uint32_t (&ua)[4][4],
+                                              uint32_t sa) {
+  wgmma_fence();
+#pragma unroll
+  for (int s16 = 0; s16 < STEPS; ++s16) wgmma_f32<T>(f, ua[s16], desc_sw128(sa + 32 * s16));
+  wgmma_commit();
+  wgmma_wait<0>();
 }
 
 __device__ __forceinline__ void mbar_init(uint64_t* b, int count) {
@@ -172,7 +209,8 @@ template <typename T>
 __global__ void __launch_bounds__(H_THREADS, 1)
 gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
                  const __grid_constant__ CUtensorMap tm_w,
-                 const __grid_constant__ CUtensorMap tm_mult, const float* __restrict__ sx,
+                 const __grid_constant__ CUtensorMap tm_mult,
+                 const __grid_constant__ CUtensorMap tm_act, const float* __restrict__ sx,
                  const int* __restrict__ sumq, const float* __restrict__ row_scale,
                  const T* __restrict__ act, const T* __restrict__ up, int R,
                  const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
@@ -180,8 +218,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * H_STAGE);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + H_BARS);
   uint64_t* empty = full + S;
+  uint64_t* act_full = empty + S;  // a 64-rank slab of the branch activation has landed
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int n0 = blockIdx.x * BN, tk0 = blockIdx.y * BT;
   const int KT = (K + H_BK - 1) / H_BK;
@@ -206,8 +245,13 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], H_THREADS / 32);
     }
+    mbar_init(act_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     for (; kn < S && kn < KT; ++kn) issue(kn);
+    if (R > 0) {  // the first slab, needed only after the main loop
+      mbar_expect_tx(act_full, H_ACT_BYTES);
+      tma_2d(smem + H_ACT, &tm_act, 0, tk0, act_full);
+    }
   }
   __syncthreads();
 
@@ -238,7 +282,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       wgmma_fence();
 #pragma unroll
       for (int k32 = 0; k32 < 2; ++k32)
-        wgmma_u8s8<NT>(acc, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
+        wgmma_u8s8(acc, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
       wgmma_commit();
     }
   }
@@ -246,9 +290,67 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   pin<NT>(acc);
   __syncthreads();  // every stage has been read: it becomes the output tile
 
+  // Epilogue. The same numbers as epilogue_m16 (csrc/common.cuh), but the low-rank up-projection
+  // runs on wgmma straight into the dequantized accumulators: up is A (registers, the m16n8k16
+  // A layout per warp), the act tile is B, copied by TMA with the 128-byte swizzle (K-major, a
+  // row of 64 ranks per token) in 64-rank slabs, so the branch costs R/16 wgmmas per warpgroup
+  // instead of a chain of dependent loads and mma.syncs per n8 tile.
+  const int n_lo = min(n0 + row, N - 1), n_hi = min(n0 + row + 8, N - 1);
+  const float rs[2] = {row_scale[n_lo], row_scale[n_hi]};
+  float f[NT][4];
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int t = min(tk0 + 8 * i + 2 * tq + e, M - 1);
+      const float sxv = sx[t];
+      const int off = sumq[t] * 128;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        f[i][hh * 2 + e] = __fmul_rn(__int2float_rn(acc[i][hh * 2 + e] - off), __fmul_rn(sxv, rs[hh]));
+    }
+  for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
+    if (r0 > 0) {  // the previous slab's wgmmas are done in both warpgroups: reuse its buffer
+      __syncthreads();
+      if (loader) {
+        mbar_expect_tx(act_full, H_ACT_BYTES);
+        tma_2d(smem + H_ACT, &tm_act, 2 * r0, tk0, act_full);
+      }
+    }
+    const int steps = min(H_ACT_R, R - r0) / 16;
+    uint32_t ua[H_ACT_R / 16][4];
+#pragma unroll
+    for (int s16 = 0; s16 < H_ACT_R / 16; ++s16)
+      if (s16 < steps) {
+        const T* pa = up + (size_t)n_lo * R + r0 + 16 * s16 + 2 * tq;
+        const T* pb = up + (size_t)n_hi * R + r0 + 16 * s16 + 2 * tq;
+        ua[s16][0] = ld32(pa);
+        ua[s16][1] = ld32(pb);
+        ua[s16][2] = ld32(pa + 8);
+        ua[s16][3] = ld32(pb + 8);
+      }
+    mbar_wait(act_full, (r0 / H_ACT_R) & 1);
+    const uint32_t sa = smem_u32(smem + H_ACT);
+    switch (steps) {  // straight-line wgmma groups: no branch between the fence and the wgmmas
+      case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
+      case 2: lowrank_wgmma<T, 2>(f, ua, sa); break;
+      case 3: lowrank_wgmma<T, 3>(f, ua, sa); break;
+      default: lowrank_wgmma<T, 4>(f, ua, sa); break;
+    }
+    pin<NT>(f);
+  }
+  const float bv[2] = {bias ? F16<T>::to_f(bias[n_lo]) : 0.f, bias ? F16<T>::to_f(bias[n_hi]) : 0.f};
   T* so = reinterpret_cast<T*>(smem);
-  epilogue_m16<T, NT, BN>(acc, n0 + row, row, tk0, 0, sx, sumq, row_scale, act, up, R, bias, so, M,
-                          N, lane);
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = f[i][hh * 2 + e];
+        if (bias) v = __fadd_rn(v, bv[hh]);
+        so[(8 * i + 2 * tq + e) * out_stride<BN>() + row + 8 * hh] = F16<T>::from_f(v);
+      }
   __syncthreads();
   store_tile<T, BT, BN, H_THREADS>(so, y, tk0, n0, M, N, tid);
 #endif
@@ -307,13 +409,19 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   if (!rc)
     rc = make_map<2>(&tm, multT, {(cuuint64_t)N, (cuuint64_t)(K / 64)}, {(cuuint64_t)N},
                      {(cuuint32_t)H_BN, 2}, CU_TENSOR_MAP_SWIZZLE_NONE);
+  // the branch activation [M, R] 16-bit as bytes, 64 ranks (128 bytes) by 256 tokens a box;
+  // ranks past R arrive as zeros and are never multiplied. Unused when R == 0.
+  CUtensorMap ta{};
+  if (!rc && R > 0)
+    rc = make_map<2>(&ta, act, {(cuuint64_t)R * 2, (cuuint64_t)M}, {(cuuint64_t)R * 2},
+                     {(cuuint32_t)H_ACT_R * 2, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_128B);
   if (rc) return rc;
   cudaError_t e = cudaFuncSetAttribute(gemm_sm90_kernel<T>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
   if (e != cudaSuccess) return (int)e;
   dim3 grid((N + H_BN - 1) / H_BN, (M + H_BT - 1) / H_BT);
   gemm_sm90_kernel<T><<<grid, H_THREADS, H_SMEM, stream>>>(
-      tc, tw, tm, sx, sumq, row_scale, (const T*)act, (const T*)up, R, (const T*)bias, (T*)y, M,
+      tc, tw, tm, ta, sx, sumq, row_scale, (const T*)act, (const T*)up, R, (const T*)bias, (T*)y, M,
       N, K);
   return (int)cudaGetLastError();
 }

@@ -203,12 +203,13 @@ GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rank", [0, 48])
+@pytest.mark.parametrize("rank", [0, 48, 112])   # 112: two 64-rank slabs in the wgmma epilogue
 @pytest.mark.parametrize("m,k,n", GEMM_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in GEMM_SHAPES])
 def test_gemm_variants_bitwise(gen, m, k, n, rank, dtype):
     """The mma.sync GEMM and, on Hopper builds, the wgmma GEMM: identical bits (integer
-    accumulation is exact and csrc/common.cuh's epilogue is shared), each output overwriting a
-    NaN-poisoned buffer; the first is also held to the reference."""
+    accumulation is exact, both epilogues round in the same order, and a k16 step of the branch
+    gives the same fp32 result on wgmma as on mma.sync), each output overwriting a NaN-poisoned
+    buffer; the first is also held to the reference."""
     from svdq.backends.cuda import CudaBackend
     _, ref = _backends()
     layer = make_layer(gen, k, n, rank, dtype)
