@@ -121,6 +121,21 @@ __device__ __forceinline__ void widen_group(uint2 w_lo, uint2 w_hi, uint32_t m_l
 // apart by rows) fall in different banks.
 template <int BN> __host__ __device__ constexpr int out_stride() { return BN + 8; }
 
+// One n8 tile's results (f: rows g, g+8 x tokens t, t+1, the C layout) plus the bias, rounded
+// once to T into the staging tile so at token row t and channel column c (rows g: c, g+8: c+8).
+template <typename T, int BN>
+__device__ __forceinline__ void stage_n8(const float (&f)[4], const float (&bv)[2], bool has_bias,
+                                         T* so, int t, int c) {
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float v = f[hh * 2 + e];
+      if (has_bias) v = __fadd_rn(v, bv[hh]);
+      so[(t + e) * out_stride<BN>() + c + 8 * hh] = F16<T>::from_f(v);
+    }
+}
+
 template <typename T, int NT, int BN>
 __device__ __forceinline__ void epilogue_m16(int (&acc)[NT][4], int n_g, int nl, int t_0, int tl0,
                                              const float* __restrict__ sx,
@@ -167,15 +182,7 @@ __device__ __forceinline__ void epilogue_m16(int (&acc)[NT][4], int n_g, int nl,
     }
 #pragma unroll
     for (int j = 0; j < CH; ++j)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = f[j][hh * 2 + e];
-          if (bias) v = __fadd_rn(v, bv[hh]);
-          so[(tl0 + (c0 + j) * 8 + 2 * tq + e) * out_stride<BN>() + nl + 8 * hh] =
-              F16<T>::from_f(v);
-        }
+      stage_n8<T, BN>(f[j], bv, bias != nullptr, so, tl0 + (c0 + j) * 8 + 2 * tq, nl);
   }
 }
 

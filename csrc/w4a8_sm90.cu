@@ -137,22 +137,18 @@ __device__ __forceinline__ void wgmma_u8s8(int (&d)[32][4], const uint32_t a[4],
 // up-projection, k16 per call.
 template <typename T>
 __device__ __forceinline__ void wgmma_f32(float (&d)[32][4], const uint32_t a[4], uint64_t desc);
-template <>
-__device__ __forceinline__ void wgmma_f32<__nv_bfloat16>(float (&d)[32][4], const uint32_t a[4],
-                                                         uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " SVDQ_D128
-               ", {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
-               : SVDQ_ACC128("+f", d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_f32<__half>(float (&d)[32][4], const uint32_t a[4],
-                                                  uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " SVDQ_D128
-               ", {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
-               : SVDQ_ACC128("+f", d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
+#define SVDQ_WGMMA_F32(TYPE, PTX)                                                          \
+  template <>                                                                              \
+  __device__ __forceinline__ void wgmma_f32<TYPE>(float (&d)[32][4], const uint32_t a[4],  \
+                                                  uint64_t desc) {                         \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX "." PTX " " SVDQ_D128 \
+                 ", {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"                          \
+                 : SVDQ_ACC128("+f", d)                                                    \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));                 \
+  }
+SVDQ_WGMMA_F32(__nv_bfloat16, "bf16")
+SVDQ_WGMMA_F32(__half, "f16")
+#undef SVDQ_WGMMA_F32
 
 // f += up (ua: STEPS k16 fragments) x the act slab at shared address sa, and wait for it.
 template <typename T, int STEPS>
@@ -342,15 +338,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   const float bv[2] = {bias ? F16<T>::to_f(bias[n_lo]) : 0.f, bias ? F16<T>::to_f(bias[n_hi]) : 0.f};
   T* so = reinterpret_cast<T*>(smem);
 #pragma unroll
-  for (int i = 0; i < NT; ++i)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float v = f[i][hh * 2 + e];
-        if (bias) v = __fadd_rn(v, bv[hh]);
-        so[(8 * i + 2 * tq + e) * out_stride<BN>() + row + 8 * hh] = F16<T>::from_f(v);
-      }
+  for (int i = 0; i < NT; ++i) stage_n8<T, BN>(f[i], bv, bias != nullptr, so, 8 * i + 2 * tq, row);
   __syncthreads();
   store_tile<T, BT, BN, H_THREADS>(so, y, tk0, n0, M, N, tid);
 #endif
