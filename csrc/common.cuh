@@ -24,22 +24,19 @@ template <> struct F16<__half> {
 // 16-bit MMA, fp32 accumulate: d = a*b + d.
 template <typename T> __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4],
                                                                const uint32_t b[2]);
-template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float d[4], const uint32_t a[4],
-                                                                    const uint32_t b[2]) {
-  asm(  // no side effects: the compiler may schedule it like arithmetic
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <> __device__ __forceinline__ void mma16816<__half>(float d[4], const uint32_t a[4],
-                                                             const uint32_t b[2]) {
-  asm(  // no side effects: the compiler may schedule it like arithmetic
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+#define SVDQ_MMA16816(TYPE, PTX)                                                            \
+  template <>                                                                               \
+  __device__ __forceinline__ void mma16816<TYPE>(float d[4], const uint32_t a[4],           \
+                                                 const uint32_t b[2]) {                     \
+    asm(/* no side effects: the compiler may schedule it like arithmetic */                 \
+        "mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 {%0,%1,%2,%3}, "         \
+        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                           \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                    \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));                \
+  }
+SVDQ_MMA16816(__nv_bfloat16, "bf16")
+SVDQ_MMA16816(__half, "f16")
+#undef SVDQ_MMA16816
 
 // int8 MMA, unsigned A (widened weights + 128) x signed B (activation codes), int32 accumulate.
 __device__ __forceinline__ void mma_u8s8(int d[4], const uint32_t a[4], const uint32_t b[2]) {
@@ -136,6 +133,24 @@ __device__ __forceinline__ void stage_n8(const float (&f)[4], const float (&bv)[
     }
 }
 
+// One n8 tile's int32 sums (acc: rows g, g+8 x tokens t, t+1, the C layout) to the fp32 main
+// result: float(acc - 128*sumq[t]) * (sx[t] * rs[row]), the two roundings of svdq/reference.py
+// w4a8_main (explicit _rn: no FMA contraction). Tokens past M read row M-1 (never stored).
+__device__ __forceinline__ void dequant_n8(const int (&acc)[4], int t, int M,
+                                           const float* __restrict__ sx,
+                                           const int* __restrict__ sumq, const float (&rs)[2],
+                                           float (&f)[4]) {
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int te = min(t + e, M - 1);
+    const float sxv = sx[te];
+    const int off = sumq[te] * 128;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+      f[hh * 2 + e] = __fmul_rn(__int2float_rn(acc[hh * 2 + e] - off), __fmul_rn(sxv, rs[hh]));
+  }
+}
+
 template <typename T, int NT, int BN>
 __device__ __forceinline__ void epilogue_m16(int (&acc)[NT][4], int n_g, int nl, int t_0, int tl0,
                                              const float* __restrict__ sx,
@@ -154,16 +169,7 @@ __device__ __forceinline__ void epilogue_m16(int (&acc)[NT][4], int n_g, int nl,
     float f[CH][4];
 #pragma unroll
     for (int j = 0; j < CH; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int t = min(t_0 + (c0 + j) * 8 + 2 * tq + e, M - 1);
-        const float sxv = sx[t];
-        const int off = sumq[t] * 128;
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-          f[j][hh * 2 + e] =
-              __fmul_rn(__int2float_rn(acc[c0 + j][hh * 2 + e] - off), __fmul_rn(sxv, rs[hh]));
-      }
+      dequant_n8(acc[c0 + j], t_0 + (c0 + j) * 8 + 2 * tq, M, sx, sumq, rs, f[j]);
     // low-rank up: A = up [n, r] (row-major: the m16n8k16 "row" A), B = act [t, r] ("col" B)
     for (int r = 0; r < R; r += 16) {
       uint32_t ua[4];

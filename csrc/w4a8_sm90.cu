@@ -208,8 +208,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
                  const __grid_constant__ CUtensorMap tm_mult,
                  const __grid_constant__ CUtensorMap tm_act, const float* __restrict__ sx,
                  const int* __restrict__ sumq, const float* __restrict__ row_scale,
-                 const T* __restrict__ act, const T* __restrict__ up, int R,
-                 const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
+                 const T* __restrict__ up, int R, const T* __restrict__ bias, T* __restrict__ y,
+                 int M, int N, int K) {
 #ifdef SVDQ_WGMMA_DEVICE
   constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN;
   extern __shared__ uint8_t smem_raw[];
@@ -286,25 +286,17 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   pin<NT>(acc);
   __syncthreads();  // every stage has been read: it becomes the output tile
 
-  // Epilogue. The same numbers as epilogue_m16 (csrc/common.cuh), but the low-rank up-projection
-  // runs on wgmma straight into the dequantized accumulators: up is A (registers, the m16n8k16
-  // A layout per warp), the act tile is B, copied by TMA with the 128-byte swizzle (K-major, a
-  // row of 64 ranks per token) in 64-rank slabs, so the branch costs R/16 wgmmas per warpgroup
-  // instead of a chain of dependent loads and mma.syncs per n8 tile.
+  // Epilogue: epilogue_m16's numbers (the same dequant_n8 and stage_n8, csrc/common.cuh), but
+  // the low-rank up-projection runs on wgmma straight into the dequantized accumulators: up is
+  // A (registers, the m16n8k16 A layout per warp), the act tile is B, copied by TMA with the
+  // 128-byte swizzle (K-major, a row of 64 ranks per token) in 64-rank slabs, so the branch
+  // costs R/16 wgmmas per warpgroup instead of a chain of dependent loads and mma.syncs per n8
+  // tile.
   const int n_lo = min(n0 + row, N - 1), n_hi = min(n0 + row + 8, N - 1);
   const float rs[2] = {row_scale[n_lo], row_scale[n_hi]};
   float f[NT][4];
 #pragma unroll
-  for (int i = 0; i < NT; ++i)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int t = min(tk0 + 8 * i + 2 * tq + e, M - 1);
-      const float sxv = sx[t];
-      const int off = sumq[t] * 128;
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-        f[i][hh * 2 + e] = __fmul_rn(__int2float_rn(acc[i][hh * 2 + e] - off), __fmul_rn(sxv, rs[hh]));
-    }
+  for (int i = 0; i < NT; ++i) dequant_n8(acc[i], tk0 + 8 * i + 2 * tq, M, sx, sumq, rs, f[i]);
   for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
     if (r0 > 0) {  // the previous slab's wgmmas are done in both warpgroups: reuse its buffer
       __syncthreads();
@@ -409,8 +401,7 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   if (e != cudaSuccess) return (int)e;
   dim3 grid((N + H_BN - 1) / H_BN, (M + H_BT - 1) / H_BT);
   gemm_sm90_kernel<T><<<grid, H_THREADS, H_SMEM, stream>>>(
-      tc, tw, tm, ta, sx, sumq, row_scale, (const T*)act, (const T*)up, R, (const T*)bias, (T*)y, M,
-      N, K);
+      tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K);
   return (int)cudaGetLastError();
 }
 #endif  // SVDQ_SM90A
