@@ -34,19 +34,22 @@
 // multiplied (the epilogue issues R/16 steps), and outputs past M or N are never stored.
 //
 // Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
-// landed (mbarrier transaction count), empty[s] when all eight warps have finished the wgmmas
-// that read it. Thread 0 is also the loader: it copies every k-tile whose stage has been released
-// and never blocks on a release (it polls), so its own warpgroup keeps computing. Each k-tile is
-// two halves (k64 groups) with their own A registers: a warpgroup widens one half while the
-// other half's wgmmas run, waiting (wgmma.wait_group 1) only for the group that last used the
+// landed (mbarrier transaction count). A warp that has finished the wgmmas reading a stage adds
+// one to released[s] (a shared-memory counter, acq_rel); the warp whose add completes the count
+// (the eighth) copies the next k-tile into that stage at once. There is no loader warp and no
+// polling: a copy leaves exactly when its stage is free, S - 1 k-tiles ahead. Each k-tile is two
+// halves (k64 groups) with their own A registers: a warpgroup widens one half while the other
+// half's wgmmas run, waiting (wgmma.wait_group 1) only for the group that last used the
 // registers it is about to overwrite. ptxas keeps this pipeline (no C7512/C7513 serialization
 // warnings; checked with -Xptxas -v).
 //
-// Measured on the H200 (bench/NOTES.md, run 16): this kernel 1.30x bf16 alone at M = 4608 against
-// 1.20x for the same kernel with 128-token tiles at two CTAs per SM and 1.17x for the cp.async
-// version with a CTA barrier per k-tile. Runs 24-26: the mma.sync epilogue's branch (a chain of
-// dependent global loads per n8 tile) cost 15% of this GEMM at rank 32 and 48% at rank 64
-// (3072 -> 21504); on wgmma it costs 3-4% and 7%.
+// Measured on the H200 (bench/NOTES.md): 256-token tiles 1.30x bf16 alone at M = 4608 against
+// 1.20x with 128-token tiles at two CTAs per SM (run 16). The branch on wgmma costs 3-4% of the
+// GEMM at rank 32 (run 25; 15% as mma.sync). Run 31: copies issued by the releasing warp instead
+// of thread 0 polling once per k-tile (which let a late release cost a whole k-tile of lead):
+// the GEMM 1.18x faster (1.36x -> 1.67x bf16). Not kept: 2-CTA clusters sharing the codes tile
+// by TMA multicast (1.35x slower: each stage then waits for both CTAs' releases, run 29), a
+// fifth stage (no change, run 32).
 
 #include "common.cuh"
 
@@ -62,6 +65,7 @@ namespace svdq {
 #endif
 
 constexpr int H_BN = 128, H_BT = 256, H_BK = 128, H_THREADS = 256, H_STAGES = 4;
+constexpr int H_WARPS = H_THREADS / 32;
 constexpr int H_W = H_BT * H_BK;                                    // weights after the codes
 constexpr int H_MULT = H_W + 2 * H_BN * 32;                         // multipliers after them
 constexpr int H_STAGE = (H_MULT + 2 * H_BN + 1023) / 1024 * 1024;   // 41 KB
@@ -168,9 +172,6 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* b, int bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)),
                "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
-}
 __device__ __forceinline__ void mbar_wait(uint64_t* b, int parity) {
   uint32_t done = 0;
   while (!done)
@@ -178,15 +179,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* b, int parity) {
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
         "selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
-}
-// mbar_wait's non-suspending twin: the loader polls with it and never blocks
-__device__ __forceinline__ bool mbar_test(uint64_t* b, int parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
-  return done != 0;
 }
 __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int c0, int c1,
                                        uint64_t* bar) {
@@ -215,13 +207,13 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + H_BARS);
-  uint64_t* empty = full + S;
-  uint64_t* act_full = empty + S;  // a 64-rank slab of the branch activation has landed
+  uint64_t* act_full = full + S;  // a 64-rank slab of the branch activation has landed
+  // per stage: how many warps have finished reading it, summed over all its k-tiles
+  uint32_t* released = reinterpret_cast<uint32_t*>(act_full + 1);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int n0 = blockIdx.x * BN, tk0 = blockIdx.y * BT;
   const int KT = (K + H_BK - 1) / H_BK;
-  const bool loader = tid == 0;
-  int kn = 0;  // loader: the next k-tile to copy
+  uint8_t* slab = smem + H_ACT;
 
   auto issue = [&](int kt) {
     const int s = kt % S;
@@ -231,23 +223,20 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     tma_3d(st + H_W, &tm_w, 0, n0, kt * 2, &full[s]);
     tma_2d(st + H_MULT, &tm_mult, n0, kt * 2, &full[s]);
   };
-  // loader: copy every k-tile whose stage all eight warps have released; never blocks
-  auto refill = [&]() {
-    while (kn < KT && mbar_test(&empty[kn % S], ((kn / S) - 1) & 1)) issue(kn++);
+  auto issue_slab = [&](int r0) {
+    mbar_expect_tx(act_full, H_ACT_BYTES);
+    tma_2d(slab, &tm_act, 2 * r0, tk0, act_full);
   };
 
-  if (loader) {
+  if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], H_THREADS / 32);
+      released[s] = 0;
     }
     mbar_init(act_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    for (; kn < S && kn < KT; ++kn) issue(kn);
-    if (R > 0) {  // the first slab, needed only after the main loop
-      mbar_expect_tx(act_full, H_ACT_BYTES);
-      tma_2d(smem + H_ACT, &tm_act, 0, tk0, act_full);
-    }
+    for (int kt = 0; kt < S && kt < KT; ++kt) issue(kt);
+    if (R > 0) issue_slab(0);  // the first slab, needed only after the main loop
   }
   __syncthreads();
 
@@ -256,22 +245,20 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
 #pragma unroll
   for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
   uint32_t a[2][2][4];  // [k64 half][k32 step][register]
+  uint32_t done = 0;    // lane 0: warps that had released that stage before this one did
 
   for (int kt = 0; kt < KT; ++kt) {
     const int s = kt % S, parity = (kt / S) & 1;
-    if (loader) {
-      do refill();  // the copy of k-tile kt may itself still wait for a release
-      while (!mbar_test(&full[s], parity));
-    } else {
-      mbar_wait(&full[s], parity);
-    }
+    mbar_wait(&full[s], parity);
     __syncwarp();
     const uint8_t* st = smem + s * H_STAGE;
     const uint32_t sb = smem_u32(st);
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       wgmma_wait<1>();  // the group that last read a[c] (k-tile kt-1, half c) is done
-      if (c == 1 && kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % S]);  // kt-1 fully read
+      if (c == 1 && kt > 0 && lane == 0)  // this warp has read all of k-tile kt-1
+        asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
+                     : "=r"(done) : "r"(smem_u32(&released[(kt - 1) % S])) : "memory");
       widen_group(*reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + row * 32 + 8 * tq),
                   *reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
                   (uint8_t)st[H_MULT + c * BN + row], (uint8_t)st[H_MULT + c * BN + row + 8], a[c]);
@@ -281,10 +268,13 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
         wgmma_u8s8(acc, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
       wgmma_commit();
     }
+    // the warp whose release completes k-tile kt-1's stage refills it at once
+    if (kt > 0 && lane == 0 && done % H_WARPS == H_WARPS - 1 && kt - 1 + S < KT)
+      issue(kt - 1 + S);
   }
   wgmma_wait<0>();
   pin<NT>(acc);
-  __syncthreads();  // every stage has been read: it becomes the output tile
+  __syncthreads();  // every stage has been read (and none is refilled): the output tile
 
   // Epilogue: epilogue_m16's numbers (the same dequant_n8 and stage_n8, csrc/common.cuh), but
   // the low-rank up-projection runs on wgmma straight into the dequantized accumulators: up is
@@ -300,10 +290,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
     if (r0 > 0) {  // the previous slab's wgmmas are done in both warpgroups: reuse its buffer
       __syncthreads();
-      if (loader) {
-        mbar_expect_tx(act_full, H_ACT_BYTES);
-        tma_2d(smem + H_ACT, &tm_act, 2 * r0, tk0, act_full);
-      }
+      if (tid == 0) issue_slab(r0);
     }
     const int steps = min(H_ACT_R, R - r0) / 16;
     uint32_t ua[H_ACT_R / 16][4];
@@ -318,7 +305,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
         ua[s16][3] = ld32(pb + 8);
       }
     mbar_wait(act_full, (r0 / H_ACT_R) & 1);
-    const uint32_t sa = smem_u32(smem + H_ACT);
+    const uint32_t sa = smem_u32(slab);
     switch (steps) {  // straight-line wgmma groups: no branch between the fence and the wgmmas
       case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
       case 2: lowrank_wgmma<T, 2>(f, ua, sa); break;
