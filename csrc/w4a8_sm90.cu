@@ -47,9 +47,9 @@
 // 1.20x with 128-token tiles at two CTAs per SM (run 16). The branch on wgmma costs 3-4% of the
 // GEMM at rank 32 (run 25; 15% as mma.sync). Run 31: copies issued by the releasing warp instead
 // of thread 0 polling once per k-tile (which let a late release cost a whole k-tile of lead):
-// the GEMM 1.18x faster (1.36x -> 1.67x bf16). Not kept: 2-CTA clusters sharing the codes tile
-// by TMA multicast (1.35x slower: each stage then waits for both CTAs' releases, run 29), a
-// fifth stage (no change, run 32).
+// the GEMM 1.18x faster (1.36x -> 1.65x bf16 at M = 4608, run 35). Not kept: 2-CTA clusters
+// sharing the codes tile by TMA multicast (1.35x slower: each stage then waits for both CTAs'
+// releases, run 29), a fifth stage (no change, run 32).
 
 #include "common.cuh"
 
@@ -65,7 +65,6 @@ namespace svdq {
 #endif
 
 constexpr int H_BN = 128, H_BT = 256, H_BK = 128, H_THREADS = 256, H_STAGES = 4;
-constexpr int H_WARPS = H_THREADS / 32;
 constexpr int H_W = H_BT * H_BK;                                    // weights after the codes
 constexpr int H_MULT = H_W + 2 * H_BN * 32;                         // multipliers after them
 constexpr int H_STAGE = (H_MULT + 2 * H_BN + 1023) / 1024 * 1024;   // 41 KB
@@ -203,7 +202,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
                  const T* __restrict__ up, int R, const T* __restrict__ bias, T* __restrict__ y,
                  int M, int N, int K) {
 #ifdef SVDQ_WGMMA_DEVICE
-  constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN;
+  constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN, WARPS = H_THREADS / 32;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + H_BARS);
@@ -269,7 +268,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       wgmma_commit();
     }
     // the warp whose release completes k-tile kt-1's stage refills it at once
-    if (kt > 0 && lane == 0 && done % H_WARPS == H_WARPS - 1 && kt - 1 + S < KT)
+    if (kt > 0 && lane == 0 && done % WARPS == WARPS - 1 && kt - 1 + S < KT)
       issue(kt - 1 + S);
   }
   wgmma_wait<0>();
