@@ -111,8 +111,7 @@ def main():
             for v in ACT_VARIANTS:
                 t[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
                     x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act, v))
-            av = be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)
-            t["act32"] = t[f"act32v{av}"]
+            t["act32"] = t[f"act32v{be.act_variant_for(m)}"]
             ext.act_quant(x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act)
             for v in gemm_variants:
                 t[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
@@ -158,7 +157,7 @@ def main():
         print(f"  activation kernel r32, mean ms at M={m}: "
               + ", ".join(f"variant {v} {sum(r[f'act32v{v}'] for r in sel) / len(sel):.4f}"
                           for v in ACT_VARIANTS)
-              + f"; layer uses {be.act_variant if be.act_variant is not None else int(m <= be.ACT_SMALL_M)}")
+              + f"; layer uses {be.act_variant_for(m)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "mem": mem}, fh, indent=1)

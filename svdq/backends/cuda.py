@@ -102,6 +102,10 @@ class CudaBackend:
                                "(wgmma)")
         return self.gemm_variant
 
+    def act_variant_for(self, m: int) -> int:
+        """The activation kernel for M tokens: act_variant if set, else by token count."""
+        return self.act_variant if self.act_variant is not None else int(m <= self.ACT_SMALL_M)
+
     def prepare(self, layer):
         if layer.kind == "w4a16":
             return {"wscales": layer.wscales.float().contiguous(),
@@ -181,8 +185,8 @@ class CudaBackend:
         sx = torch.empty(m, dtype=torch.float32, device=dev)
         sumq = torch.empty(m, dtype=torch.int32, device=dev)
         act = torch.empty(m, r16, dtype=dt, device=dev)
-        av = self.act_variant if self.act_variant is not None else int(m <= self.ACT_SMALL_M)
-        ext.act_quant(x, prep["inv_smooth"], down, br["rank_scale"], codes, sx, sumq, act, av)
+        ext.act_quant(x, prep["inv_smooth"], down, br["rank_scale"], codes, sx, sumq, act,
+                      self.act_variant_for(m))
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
         ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
