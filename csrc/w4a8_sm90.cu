@@ -13,7 +13,7 @@
 // mma.sync; the tests assert that both kernels give the same bits.
 //
 // CTA: 2 warpgroups (256 threads) x 64 channels = BN 128 channels, BT = 256 tokens, k-tile 128
-// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (254
+// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (255
 // registers). Shared memory per stage, 1024-aligned, filled by the tensor memory accelerator:
 //
 //   [0, BT*128)      activation codes [BT tokens][128 bytes], 2-D tensor map [M][K] with box
@@ -33,6 +33,13 @@
 // Boxes past M, N, K or R arrive zero-filled: zero codes add nothing, zero ranks are never
 // multiplied (the epilogue issues R/16 steps), and outputs past M or N are never stored.
 //
+// Persistent: one CTA per SM walks the output tiles blockIdx.x, + gridDim.x, ... (channel tiles
+// fastest), and the k-tiles of all its tiles form one stream, so the copies of the next tile's
+// first k-tiles leave during this tile's last k-tiles and land during its epilogue. The epilogue
+// therefore cannot stage its output in the stages at large: it uses the stage of the tile's last
+// k-tile, which nothing refills until the next tile's first k-tile releases it, half a tile (128
+// tokens, 34 KB) at a time.
+//
 // Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
 // landed (mbarrier transaction count). A warp that has finished the wgmmas reading a stage adds
 // one to released[s] (a shared-memory counter, acq_rel); the warp whose add completes the count
@@ -47,22 +54,18 @@
 // 1.20x with 128-token tiles at two CTAs per SM (run 16). The branch on wgmma costs 3-4% of the
 // GEMM at rank 32 (run 25; 15% as mma.sync). Run 31: copies issued by the releasing warp instead
 // of thread 0 polling once per k-tile (which let a late release cost a whole k-tile of lead):
-// the GEMM 1.18x faster (1.36x -> 1.65x bf16 at M = 4608, run 35). Not kept: 2-CTA clusters
-// sharing the codes tile by TMA multicast (1.35x slower: each stage then waits for both CTAs'
-// releases, run 29), a fifth stage (no change, run 32).
+// the GEMM 1.18x faster (1.36x -> 1.65x bf16 at M = 4608, run 35). Persistent, with the tile's
+// sx/sumq copied to shared memory at its start: 1.09x more (1.76x bf16, runs 46-47). Not kept:
+// 2-CTA clusters sharing the codes tile by TMA multicast (1.35x slower: each stage then waits
+// for both CTAs' releases, run 29), a fifth stage (no change, run 32), the whole output tile
+// staged at once with its second half in the slab buffer (no gain, run 41).
 
-#include "common.cuh"
+#include "sm90.cuh"
 
 #include <cuda.h>          // CUtensorMap (types only: the encoder comes through cudart)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 namespace svdq {
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SVDQ_WGMMA_DEVICE 1
-#elif defined(__CUDA_ARCH__) && defined(SVDQ_SM90A)
-#error "SVDQ_SM90A builds need -gencode=arch=compute_90a,code=sm_90a (svdq/build.py sets it)"
-#endif
 
 constexpr int H_BN = 128, H_BT = 256, H_BK = 128, H_THREADS = 256, H_STAGES = 4;
 constexpr int H_W = H_BT * H_BK;                                    // weights after the codes
@@ -72,10 +75,11 @@ constexpr int H_TX = H_BT * H_BK + 2 * H_BN * 32 + 2 * H_BN;        // bytes cop
 constexpr int H_ACT = H_STAGES * H_STAGE;   // the branch activation, 64 ranks at a time
 constexpr int H_ACT_R = 64, H_ACT_BYTES = H_BT * H_ACT_R * 2;
 constexpr int H_BARS = H_ACT + H_ACT_BYTES;
-constexpr int H_SMEM = H_BARS + 1024 + 1024;                        // + barriers + alignment
+constexpr int H_SXQ = H_BARS + 128;          // sx and sumq of the tile's tokens, [2 tiles][BT] each
+constexpr int H_SMEM = H_SXQ + 2 * 2 * H_BT * 4 + 1024;             // + alignment
 static_assert(H_SMEM <= 227 * 1024, "one CTA per SM, within the opt-in shared memory");
-static_assert(H_TX <= H_STAGE && H_BT * out_stride<H_BN>() * 2 <= H_STAGES * H_STAGE,
-              "a stage holds a k-tile's copies; the stages hold the output tile");
+static_assert(H_TX <= H_STAGE && (H_BT / 2) * out_stride<H_BN>() * 2 <= H_STAGE,
+              "a stage holds a k-tile's copies, and half an output tile");
 
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in
 // bits 0-13, leading byte offset >> 4 in 16-29 (unused by K-major swizzled layouts), stride
@@ -164,21 +168,6 @@ __device__ __forceinline__ void lowrank_wgmma(float (&f)[32][4], const uint32_t 
   wgmma_wait<0>();
 }
 
-__device__ __forceinline__ void mbar_init(uint64_t* b, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)),
-               "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, int parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
-}
 __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int c0, int c1,
                                        uint64_t* bar) {
   asm volatile(
@@ -201,7 +190,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
                  const int* __restrict__ sumq, const float* __restrict__ row_scale,
                  const T* __restrict__ up, int R, const T* __restrict__ bias, T* __restrict__ y,
                  int M, int N, int K) {
-#ifdef SVDQ_WGMMA_DEVICE
+#ifdef SVDQ_SM90A_DEVICE
   constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN, WARPS = H_THREADS / 32;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -210,19 +199,39 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   // per stage: how many warps have finished reading it, summed over all its k-tiles
   uint32_t* released = reinterpret_cast<uint32_t*>(act_full + 1);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int n0 = blockIdx.x * BN, tk0 = blockIdx.y * BT;
   const int KT = (K + H_BK - 1) / H_BK;
+  const int n_tiles_n = (N + BN - 1) / BN, n_tiles = n_tiles_n * ((M + BT - 1) / BT);
+  // this CTA's tiles: blockIdx.x, + gridDim.x, ... (channel tiles fastest); the k-tiles of all
+  // of them form one stream, u = (local tile) * KT + kt, so the copies run ahead across tiles
+  const int my_tiles = (n_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+  if (my_tiles <= 0) return;  // the launcher never makes more CTAs than tiles; cheap to be sure
+  const int n_iter = my_tiles * KT;
   uint8_t* slab = smem + H_ACT;
+  // the epilogue's per-token sx and sumq, copied (cp.async) when the tile starts, so that the
+  // epilogue reads shared memory: from global memory they waited ~4% of the GEMM (ncu, run 45)
+  float* ssx = reinterpret_cast<float*>(smem + H_SXQ);  // [2][BT], by tile parity
+  int* ssq = reinterpret_cast<int*>(ssx + 2 * BT);
+  static_assert(H_THREADS == H_BT, "one token per thread for the sx/sumq copies");
 
-  auto issue = [&](int kt) {
-    const int s = kt % S;
+  auto tile_of = [&](int j, int& n0, int& tk0) {
+    const int t = (int)blockIdx.x + j * (int)gridDim.x;
+    n0 = (t % n_tiles_n) * BN;
+    tk0 = (t / n_tiles_n) * BT;
+  };
+  // k-tile kt of the output tile (n0, tk0) into stage s
+  auto issue_at = [&](int s, int kt, int n0, int tk0) {
     uint8_t* st = smem + s * H_STAGE;
     mbar_expect_tx(&full[s], H_TX);
     tma_2d(st, &tm_codes, kt * H_BK, tk0, &full[s]);
     tma_3d(st + H_W, &tm_w, 0, n0, kt * 2, &full[s]);
     tma_2d(st + H_MULT, &tm_mult, n0, kt * 2, &full[s]);
   };
-  auto issue_slab = [&](int r0) {
+  auto issue = [&](int u) {  // stream position u: two divisions, so not in the steady state
+    int n0, tk0;
+    tile_of(u / KT, n0, tk0);
+    issue_at(u % S, u % KT, n0, tk0);
+  };
+  auto issue_slab = [&](int tk0, int r0) {
     mbar_expect_tx(act_full, H_ACT_BYTES);
     tma_2d(slab, &tm_act, 2 * r0, tk0, act_full);
   };
@@ -234,91 +243,143 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     }
     mbar_init(act_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    for (int kt = 0; kt < S && kt < KT; ++kt) issue(kt);
-    if (R > 0) issue_slab(0);  // the first slab, needed only after the main loop
+    for (int u = 0; u < S && u < n_iter; ++u) issue(u);
+    if (R > 0) {  // the first tile's first slab, needed only after its main loop
+      int n0, tk0;
+      tile_of(0, n0, tk0);
+      issue_slab(tk0, 0);
+    }
   }
   __syncthreads();
 
   const int row = (warp / 4) * 64 + (warp % 4) * 16 + g;  // this lane's channels: row, row + 8
-  int acc[NT][4];
-#pragma unroll
-  for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
   uint32_t a[2][2][4];  // [k64 half][k32 step][register]
   uint32_t done = 0;    // lane 0: warps that had released that stage before this one did
+  int slabs = 0;        // slab copies waited for so far: the parity of act_full
+  int u = 0;            // position in the k-tile stream
 
-  for (int kt = 0; kt < KT; ++kt) {
-    const int s = kt % S, parity = (kt / S) & 1;
-    mbar_wait(&full[s], parity);
-    __syncwarp();
-    const uint8_t* st = smem + s * H_STAGE;
-    const uint32_t sb = smem_u32(st);
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      wgmma_wait<1>();  // the group that last read a[c] (k-tile kt-1, half c) is done
-      if (c == 1 && kt > 0 && lane == 0)  // this warp has read all of k-tile kt-1
-        asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
-                     : "=r"(done) : "r"(smem_u32(&released[(kt - 1) % S])) : "memory");
-      widen_group(*reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + row * 32 + 8 * tq),
-                  *reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
-                  (uint8_t)st[H_MULT + c * BN + row], (uint8_t)st[H_MULT + c * BN + row + 8], a[c]);
-      wgmma_fence();
-#pragma unroll
-      for (int k32 = 0; k32 < 2; ++k32)
-        wgmma_u8s8(acc, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
-      wgmma_commit();
+  for (int j = 0; j < my_tiles; ++j) {
+    int n0, tk0, n0_next, tk0_next;  // this tile and the next, for the refills
+    tile_of(j, n0, tk0);
+    tile_of(j + 1, n0_next, tk0_next);
+    // two buffers: a warp here has passed the previous tile's post-loop barrier, so every warp
+    // is done with the epilogue of tile j - 2, which used this buffer
+    const int pb = (j & 1) * BT;
+    {
+      const int t = min(tk0 + tid, M - 1);  // tokens past M repeat row M - 1 (never stored)
+      cp_async4(&ssx[pb + tid], sx + t, 4);
+      cp_async4(&ssq[pb + tid], sumq + t, 4);
+      cp_async_commit();
     }
-    // the warp whose release completes k-tile kt-1's stage refills it at once
-    if (kt > 0 && lane == 0 && done % WARPS == WARPS - 1 && kt - 1 + S < KT)
-      issue(kt - 1 + S);
-  }
-  wgmma_wait<0>();
-  pin<NT>(acc);
-  __syncthreads();  // every stage has been read (and none is refilled): the output tile
+    int acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
 
-  // Epilogue: epilogue_m16's numbers (the same dequant_n8 and stage_n8, csrc/common.cuh), but
-  // the low-rank up-projection runs on wgmma straight into the dequantized accumulators: up is
-  // A (registers, the m16n8k16 A layout per warp), the act tile is B, copied by TMA with the
-  // 128-byte swizzle (K-major, a row of 64 ranks per token) in 64-rank slabs, so the branch
-  // costs R/16 wgmmas per warpgroup instead of a chain of dependent loads and mma.syncs per n8
-  // tile.
-  const int n_lo = min(n0 + row, N - 1), n_hi = min(n0 + row + 8, N - 1);
-  const float rs[2] = {row_scale[n_lo], row_scale[n_hi]};
-  float f[NT][4];
+    for (int kt = 0; kt < KT; ++kt, ++u) {
+      const int s = u % S, parity = (u / S) & 1;
+      mbar_wait(&full[s], parity);
+      __syncwarp();
+      const uint8_t* st = smem + s * H_STAGE;
+      const uint32_t sb = smem_u32(st);
 #pragma unroll
-  for (int i = 0; i < NT; ++i) dequant_n8(acc[i], tk0 + 8 * i + 2 * tq, M, sx, sumq, rs, f[i]);
-  for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
-    if (r0 > 0) {  // the previous slab's wgmmas are done in both warpgroups: reuse its buffer
-      __syncthreads();
-      if (tid == 0) issue_slab(r0);
-    }
-    const int steps = min(H_ACT_R, R - r0) / 16;
-    uint32_t ua[H_ACT_R / 16][4];
+      for (int c = 0; c < 2; ++c) {
+        wgmma_wait<1>();  // the group that last read a[c] (k-tile u-1, half c) is done
+        if (c == 1 && u > 0 && lane == 0)  // this warp has read all of k-tile u-1
+          asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
+                       : "=r"(done) : "r"(smem_u32(&released[(u - 1) % S])) : "memory");
+        widen_group(*reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + row * 32 + 8 * tq),
+                    *reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
+                    (uint8_t)st[H_MULT + c * BN + row], (uint8_t)st[H_MULT + c * BN + row + 8], a[c]);
+        wgmma_fence();
 #pragma unroll
-    for (int s16 = 0; s16 < H_ACT_R / 16; ++s16)
-      if (s16 < steps) {
-        const T* pa = up + (size_t)n_lo * R + r0 + 16 * s16 + 2 * tq;
-        const T* pb = up + (size_t)n_hi * R + r0 + 16 * s16 + 2 * tq;
-        ua[s16][0] = ld32(pa);
-        ua[s16][1] = ld32(pb);
-        ua[s16][2] = ld32(pa + 8);
-        ua[s16][3] = ld32(pb + 8);
+        for (int k32 = 0; k32 < 2; ++k32)
+          wgmma_u8s8(acc, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
+        wgmma_commit();
       }
-    mbar_wait(act_full, (r0 / H_ACT_R) & 1);
-    const uint32_t sa = smem_u32(slab);
-    switch (steps) {  // straight-line wgmma groups: no branch between the fence and the wgmmas
-      case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
-      case 2: lowrank_wgmma<T, 2>(f, ua, sa); break;
-      case 3: lowrank_wgmma<T, 3>(f, ua, sa); break;
-      default: lowrank_wgmma<T, 4>(f, ua, sa); break;
+      // the warp whose release completes k-tile u-1's stage refills it at once, possibly with
+      // a k-tile of this CTA's next output tile. No division here: this runs once per k-tile
+      // on the issuing warp's critical path, and its warpgroup's next wgmma waits for it (two
+      // divisions cost the GEMM ~15%, run 39).
+      if (u > 0 && lane == 0 && done % WARPS == WARPS - 1 && u - 1 + S < n_iter) {
+        const int kv = kt - 1 + S, sv = (u - 1) & (S - 1);  // == (u - 1 + S) % S
+        if (kv < KT)
+          issue_at(sv, kv, n0, tk0);
+        else if (kv < 2 * KT)
+          issue_at(sv, kv - KT, n0_next, tk0_next);
+        else
+          issue(u - 1 + S);  // K < 3 k-tiles: the copy is two or more tiles ahead
+      }
     }
-    pin<NT>(f);
-  }
-  const float bv[2] = {bias ? F16<T>::to_f(bias[n_lo]) : 0.f, bias ? F16<T>::to_f(bias[n_hi]) : 0.f};
-  T* so = reinterpret_cast<T*>(smem);
+    wgmma_wait<0>();
+    pin<NT>(acc);
+    cp_async_wait<0>();  // this thread's sx/sumq copies; the barrier below publishes them
+    // Every warp's wgmmas are done with k-tile u-1's stage, which nothing refills before the
+    // next tile's first k-tile releases it: the epilogue stages its output there, half a tile
+    // (128 tokens) at a time. The other stages are meanwhile filling with the next tile.
+    __syncthreads();
+    uint8_t* out_stage = smem + ((u - 1) % S) * H_STAGE;
+
+    // Epilogue: epilogue_m16's numbers (the same dequant_n8 and stage_n8, csrc/common.cuh), but
+    // the low-rank up-projection runs on wgmma straight into the dequantized accumulators: up is
+    // A (registers, the m16n8k16 A layout per warp), the act tile is B, copied by TMA with the
+    // 128-byte swizzle (K-major, a row of 64 ranks per token) in 64-rank slabs, so the branch
+    // costs R/16 wgmmas per warpgroup instead of a chain of dependent loads and mma.syncs per n8
+    // tile.
+    const int n_lo = min(n0 + row, N - 1), n_hi = min(n0 + row + 8, N - 1);
+    const float rs[2] = {row_scale[n_lo], row_scale[n_hi]};
+    float f[NT][4];
 #pragma unroll
-  for (int i = 0; i < NT; ++i) stage_n8<T, BN>(f[i], bv, bias != nullptr, so, 8 * i + 2 * tq, row);
-  __syncthreads();
-  store_tile<T, BT, BN, H_THREADS>(so, y, tk0, n0, M, N, tid);
+    for (int i = 0; i < NT; ++i) dequant_n8(acc[i], 8 * i + 2 * tq, BT, ssx + pb, ssq + pb, rs, f[i]);
+    for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
+      if (r0 > 0) {  // the previous slab's wgmmas are done in both warpgroups: reuse its buffer
+        __syncthreads();
+        if (tid == 0) issue_slab(tk0, r0);
+      }
+      const int steps = min(H_ACT_R, R - r0) / 16;
+      uint32_t ua[H_ACT_R / 16][4];
+#pragma unroll
+      for (int s16 = 0; s16 < H_ACT_R / 16; ++s16)
+        if (s16 < steps) {
+          const T* pa = up + (size_t)n_lo * R + r0 + 16 * s16 + 2 * tq;
+          const T* pb = up + (size_t)n_hi * R + r0 + 16 * s16 + 2 * tq;
+          ua[s16][0] = ld32(pa);
+          ua[s16][1] = ld32(pb);
+          ua[s16][2] = ld32(pa + 8);
+          ua[s16][3] = ld32(pb + 8);
+        }
+      mbar_wait(act_full, slabs & 1);
+      ++slabs;
+      const uint32_t sa = smem_u32(slab);
+      switch (steps) {  // straight-line wgmma groups: no branch between the fence and the wgmmas
+        case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
+        case 2: lowrank_wgmma<T, 2>(f, ua, sa); break;
+        case 3: lowrank_wgmma<T, 3>(f, ua, sa); break;
+        default: lowrank_wgmma<T, 4>(f, ua, sa); break;
+      }
+      pin<NT>(f);
+    }
+    const float bv[2] = {bias ? F16<T>::to_f(bias[n_lo]) : 0.f, bias ? F16<T>::to_f(bias[n_hi]) : 0.f};
+    T* so = reinterpret_cast<T*>(out_stage);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (h == 1) __syncthreads();  // the first half has been copied out
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i)
+        stage_n8<T, BN>(f[h * NT / 2 + i], bv, bias != nullptr, so, 8 * i + 2 * tq, row);
+      __syncthreads();
+      // every warp's branch wgmmas are done: the slab may take the next tile's first ranks
+      if (h == 0 && tid == 0 && R > 0 && j + 1 < my_tiles) {
+        int n1, tk1;
+        tile_of(j + 1, n1, tk1);
+        issue_slab(tk1, 0);
+      }
+      store_tile<T, BT / 2, BN, H_THREADS>(so, y, tk0 + h * BT / 2, n0, M, N, tid);
+    }
+    // No barrier here: a warp that runs ahead into the next tile releases out_stage only after
+    // its own stores, and the copy into it waits for all eight warps' releases. The fence
+    // orders this thread's generic accesses to out_stage before that copy's async-proxy writes.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
 #endif
 }
 
@@ -342,6 +403,15 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
   }();
   return fn;
+}
+
+// The current device's SM count, looked up once per device.
+static int sm_count() {
+  static int count[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (count[dev] == 0) cudaDeviceGetAttribute(&count[dev], cudaDevAttrMultiProcessorCount, dev);
+  return count[dev];
 }
 
 // A uint8 tensor map: dims[0] innermost (elements = bytes), strides in bytes for dims 1.., box.
@@ -385,7 +455,10 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   cudaError_t e = cudaFuncSetAttribute(gemm_sm90_kernel<T>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
   if (e != cudaSuccess) return (int)e;
-  dim3 grid((N + H_BN - 1) / H_BN, (M + H_BT - 1) / H_BT);
+  // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles
+  const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT);
+  int grid = sm_count();
+  if (grid <= 0 || tiles < grid) grid = tiles;
   gemm_sm90_kernel<T><<<grid, H_THREADS, H_SMEM, stream>>>(
       tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K);
   return (int)cudaGetLastError();

@@ -27,7 +27,7 @@ log = logging.getLogger("svdq")
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 SOURCES = ("w4a8.cu", "w4a8_sm90.cu", "dequant_w4.cu", "binding.cpp")
-HEADERS = ("common.cuh",)   # hashed with the sources: a header change must rebuild
+HEADERS = ("common.cuh", "sm90.cuh")   # hashed with the sources: a header change must rebuild
 _module = None
 _error: str | None = None
 

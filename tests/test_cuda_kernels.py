@@ -121,9 +121,13 @@ def test_ranks(gen, m, k, n, rank, dtype):
     check_close(y, y_ref, dtype, exact=(rank == 0), layer=layer, x=x)
 
 
+ACT_SHAPES = [(1, 64), (333, 3072), (17, 15360), (40, 704), (5, 3136), (4099, 3072),
+              (2053, 12288), (1501, 15360)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rank", [0, 48, 112])
-@pytest.mark.parametrize("m,k", [(1, 64), (333, 3072), (17, 15360), (40, 704)])
+@pytest.mark.parametrize("rank", [0, 16, 32, 48, 112])
+@pytest.mark.parametrize("m,k", ACT_SHAPES)
 @pytest.mark.parametrize("variant", [0, 1], ids=["tm16", "tm8"])
 def test_activation_kernel(gen, m, k, rank, dtype, variant):
     """Codes, scales and code sums exactly as quant.quantize_act; branch activation to 1 ulp."""
@@ -135,6 +139,8 @@ def test_activation_kernel(gen, m, k, rank, dtype, variant):
     x = make_x(gen, m, k, dtype)
     x[0, :] = 0 if m > 3 else x[0, :]                                   # a zero token (scale 0)
     prep = cuda.prepare(layer)
+    junk = torch.full((32 << 20,), float("nan"), device="cuda")  # the outputs come from the
+    del junk                                                      # allocator: poisoned bytes
     _, (codes, sx, sumq, act) = cuda.run(layer, prep, x, return_parts=True)
     nat = torch.empty_like(codes)
     nat[:, act_perm(k, "cuda")] = codes
@@ -199,7 +205,11 @@ def _gemm_variants(n=16):
 
 GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
                (257, 320, 1000), (129, 15360, 264), (300, 704, 392), (7, 192, 144),
-               (257, 320, 1008), (129, 15360, 272)]
+               (257, 320, 1008), (129, 15360, 272),
+               # the persistent wgmma GEMM: ~16 and ~8 tiles per CTA with fewer k-tiles per tile
+               # than stages (the copies run ahead into the next tiles), a K % 128 == 64 tail,
+               # partial last channel and token tiles
+               (8191, 64, 8192), (8193, 192, 4096), (3001, 320, 2064)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
