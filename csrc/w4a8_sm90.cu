@@ -13,7 +13,7 @@
 // mma.sync; the tests assert that both kernels give the same bits.
 //
 // CTA: 2 warpgroups (256 threads) x 64 channels = BN 128 channels, BT = 256 tokens, k-tile 128
-// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (255
+// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (254
 // registers). Shared memory per stage, 1024-aligned, filled by the tensor memory accelerator:
 //
 //   [0, BT*128)      activation codes [BT tokens][128 bytes], 2-D tensor map [M][K] with box
