@@ -368,11 +368,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
         stage_n8<T, BN>(f[h * NT / 2 + i], bv, bias != nullptr, so, 8 * i + 2 * tq, row);
       __syncthreads();
       // every warp's branch wgmmas are done: the slab may take the next tile's first ranks
-      if (h == 0 && tid == 0 && R > 0 && j + 1 < my_tiles) {
-        int n1, tk1;
-        tile_of(j + 1, n1, tk1);
-        issue_slab(tk1, 0);
-      }
+      if (h == 0 && tid == 0 && R > 0 && j + 1 < my_tiles) issue_slab(tk0_next, 0);
       store_tile<T, BT / 2, BN, H_THREADS>(so, y, tk0 + h * BT / 2, n0, M, N, tid);
     }
     // No barrier here: a warp that runs ahead into the next tile releases out_stage only after
