@@ -62,6 +62,13 @@ def make_x(g, m, k, dtype):
     return x.to(dtype).cuda()
 
 
+def poison_allocator(floats):
+    """Fill `floats` fp32 of the caching allocator's memory with NaN and free it, so that tensors
+    allocated next (torch.empty in the backend) start poisoned: an unwritten element shows."""
+    junk = torch.full((floats,), float("nan"), device="cuda")
+    del junk
+
+
 def check_close(y, ref, dtype, exact=False, layer=None, x=None):
     assert y.shape == ref.shape and y.dtype == ref.dtype
     assert not torch.isnan(y).any(), "NaN in the kernel output"
@@ -139,8 +146,7 @@ def test_activation_kernel(gen, m, k, rank, dtype, variant):
     x = make_x(gen, m, k, dtype)
     x[0, :] = 0 if m > 3 else x[0, :]                                   # a zero token (scale 0)
     prep = cuda.prepare(layer)
-    junk = torch.full((32 << 20,), float("nan"), device="cuda")  # the outputs come from the
-    del junk                                                      # allocator: poisoned bytes
+    poison_allocator(32 << 20)                         # the outputs come from the allocator
     _, (codes, sx, sumq, act) = cuda.run(layer, prep, x, return_parts=True)
     nat = torch.empty_like(codes)
     nat[:, act_perm(k, "cuda")] = codes
@@ -172,8 +178,7 @@ def test_deterministic_and_poison(gen):
     layer = make_layer(gen, 3072, 3072, 32, dtype)
     x = make_x(gen, 333, 3072, dtype)
     prep = cuda.prepare(layer)
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")     # 256 MB of NaN, then freed
-    del junk
+    poison_allocator(64 << 20)                                      # 256 MB of NaN
     y1, p1 = cuda.run(layer, prep, x, out=torch.full((333, 3072), float("nan"), dtype=dtype,
                                                      device="cuda"), return_parts=True)
     y2, p2 = cuda.run(layer, prep, x, return_parts=True)
