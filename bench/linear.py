@@ -21,7 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # svdq only; the bench never imports the ComfyUI nodes
 
-ACT_VARIANTS = (0, 1)   # activation kernel: 16 or 8 tokens per block (csrc/w4a8.cu)
+ACT_VARIANTS = (0, 1, 2)   # activation kernels: 16- or 8-token blocks, split (csrc/w4a8.cu)
 SHAPES = [("qkv", 3072, 9216), ("proj", 3072, 3072), ("mlp_fc1", 3072, 12288),
           ("mlp_fc2", 12288, 3072), ("single_in", 3072, 21504), ("single_out", 15360, 3072)]
 

@@ -8,11 +8,14 @@
 
 int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smooth, const void* down,
                   const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq, void* act,
-                  int variant, cudaStream_t stream);
+                  float* work, int variant, cudaStream_t stream);
+long long svdq_w4a8_act_workspace(int M, int K, int R, int variant);
 int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
-                   int variant, cudaStream_t stream);
+                   int variant, int* work, cudaStream_t stream);
+long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K);
+int svdq_w4a8_gemm_split_plan(int M, int N, int K, int sms, int* full);
 
 int svdq_dequant_w4(const uint8_t* qweight, const float* scales, void* w, int N, int K, bool fp16,
                     cudaStream_t stream);
@@ -41,6 +44,8 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
                torch::Tensor rank_scale, torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq,
                torch::Tensor act, int64_t variant) {
   TORCH_CHECK(x.dim() == 2, "svdq act_quant: x must be 2-D [M, K]");
+  TORCH_CHECK(variant >= 0 && variant <= 2, "svdq act_quant: variant ", variant, " is not 0 "
+              "(16-token blocks), 1 (8-token blocks) or 2 (split over k-chunks)");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: x must be bfloat16 or float16, got ",
               dt);
@@ -61,10 +66,14 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
               "svdq act_quant: tensor shapes do not match x [", M, ", ", K, "] and rank ", R);
   TORCH_CHECK(M < (1LL << 31), "svdq: too many tokens");
   const c10::cuda::CUDAGuard guard(x.device());
+  // the split kernels' fp32 partials; the caching allocator keeps it stream-ordered
+  const auto work = torch::empty({svdq_w4a8_act_workspace((int)M, (int)K, (int)R, (int)variant)},
+                                 x.options().dtype(at::kFloat));
   check_rc(svdq_w4a8_act(x.data_ptr(), dt == at::kHalf, (int)M, (int)K,
                          inv_smooth.data_ptr<float>(), R ? down.data_ptr() : nullptr,
                          rank_scale.data_ptr<float>(), (int)R, codes.data_ptr<int8_t>(),
-                         sx.data_ptr<float>(), sumq.data_ptr<int>(), act.data_ptr(), (int)variant,
+                         sx.data_ptr<float>(), sumq.data_ptr<int>(), act.data_ptr(),
+                         work.data_ptr<float>(), (int)variant,
                          c10::cuda::getCurrentCUDAStream().stream()),
            "w4a8 activation kernel");
 }
@@ -110,11 +119,15 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
   TORCH_CHECK(variant == 1 || N % 16 == 0, "svdq gemm: variant 2 (wgmma) needs out_features N % 16 "
               "== 0 (its TMA copies need 16-byte strides), got N=", N, "; use variant 1");
   const c10::cuda::CUDAGuard guard(codes.device());
+  // the wgmma kernel's k-split last wave: int32 partial sums and arrival counters
+  const auto work = torch::empty(
+      {variant == 2 ? svdq_w4a8_gemm_sm90_workspace((int)M, (int)N, (int)K) : 0},
+      codes.options().dtype(at::kInt));
   check_rc(svdq_w4a8_gemm(codes.data_ptr<int8_t>(), sx.data_ptr<float>(), sumq.data_ptr<int>(),
                           qweight.data_ptr<uint8_t>(), multT.data_ptr<int8_t>(),
                           row_scale.data_ptr<float>(), act.data_ptr(), up.data_ptr(), (int)R, bptr,
                           y.data_ptr(), (int)M, (int)N, (int)K, dt == at::kHalf, (int)variant,
-                          c10::cuda::getCurrentCUDAStream().stream()),
+                          work.data_ptr<int>(), c10::cuda::getCurrentCUDAStream().stream()),
            "w4a8 GEMM kernel");
 }
 
@@ -152,6 +165,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("act"), py::arg("up"), py::arg("bias"), py::arg("y"), py::arg("variant") = 1);
   m.def("dequant_w4", &dequant_w4, "weight-only 4-bit layers: codes * scale to 16 bits",
         py::arg("qweight"), py::arg("scales"), py::arg("w"));
+  m.def("gemm_split_plan", [](int64_t M, int64_t N, int64_t K, int64_t sms) {
+        int full = 0;
+        const int splits = svdq_w4a8_gemm_split_plan((int)M, (int)N, (int)K, (int)sms, &full);
+        return py::make_tuple(splits, full);
+      }, "the wgmma GEMM's wave plan on `sms` SMs: (k-splits of the last wave's tiles, tiles in "
+      "full waves)", py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"));
   m.attr("MAX_K") = MAX_K;
 #ifdef SVDQ_SM90A
   m.attr("WGMMA") = true;   // built for sm_90a: gemm variant 2 exists

@@ -292,6 +292,251 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 1b. The activation work split in two launches (launcher variant 2)
+// ---------------------------------------------------------------------------------------------
+// act_kernel's unit of work is a 16-token block over all of K, two blocks per SM. At 4608 tokens
+// that is 288 blocks for 264 slots: a second wave of 24 blocks keeps 24 SMs busy for most of a
+// block's time while the others idle (ncu run 37: the SMs active 36 K of 57 K cycles at
+// K = 3072, 141 K of 227 K at K = 12288). The per-token scale needs the whole row, so a finer
+// split along K needs the row's maxima before any code is written. Two launches:
+//   act_stats_kernel  block = 32 tokens x one k-chunk (act_chunk: 1024 or 2048 values): the
+//                     chunk's |x * inv_smooth| maxima and its share of x . down^T, as fp32
+//                     partials in global memory; many short blocks, no long last wave.
+//   act_quant_kernel  warp = two token rows: the row maxima from the chunk maxima (max is
+//                     order-free: sx and the codes equal act_kernel's bit for bit), the branch
+//                     activation from the chunk partials added in chunk order (deterministic;
+//                     another fp32 order than act_kernel's, held to the same bound by the
+//                     tests), then act_kernel's quantize loop. Blocks run in reverse token order:
+//                     the rows act_stats_kernel read last are the likeliest still in L2.
+// x is read twice from memory (act_kernel's second read mostly hits L2), so this wins only where
+// act_kernel's last wave is short: the backend picks it then (svdq/backends/cuda.py,
+// act_variant_for). Measured (bench/NOTES.md, session 8): at 4608 tokens, rank 32, 106 / 129 us
+// against 129 / 158 us at K = 12288 / 15360, equal at K = 3072; at 8192 tokens (a full last
+// wave) 13-44% slower.
+// Workspace (fp32, the binding allocates it): amax_part [M][KC], branch_part [M][KC][R16].
+constexpr int STATS_WARPS = 4;
+constexpr int STATS_THREADS = STATS_WARPS * 32;
+constexpr int STATS_MT = 2;                       // m16 tiles per block: each down load serves 32 tokens
+constexpr int STATS_TOKENS = 16 * STATS_MT;
+constexpr int STATS_RCHUNK = 32;                  // ranks per pass: 4 n8 tiles, 32 accumulators
+constexpr int QUANT_WARPS = 8;                    // 16 rows per block, two per warp
+constexpr int QUANT_THREADS = QUANT_WARPS * 32;
+
+// k-chunk per act_stats_kernel block: a multiple of STATS_WARPS * 32. Measured best of 512 /
+// 1024 / 2048 (runs 51-52): shorter chunks add partials, longer ones lengthen each warp's chain
+__host__ __device__ inline int act_chunk(int K) { return K <= 4096 ? 1024 : 2048; }
+
+// One k-chunk of this warp for NT rank tiles (0, 2 or 4): the act_kernel fragment mapping, with
+// STATS_MT m16 tiles of tokens sharing each down fragment. xr[i] = token row g + 8i.
+template <typename T, int NT>
+__device__ __forceinline__ void stats_slices(const T* const (&xr)[2 * STATS_MT],
+                                             const float* __restrict__ inv_smooth, const T* dp,
+                                             int kb0, int kend, int K, int tq, bool amax,
+                                             float (&am)[2 * STATS_MT],
+                                             float (&acc)[STATS_MT][4][4]) {
+#pragma unroll 2
+  for (int kb = kb0; kb < kend; kb += STATS_WARPS * 32) {
+    uint4 v[2 * STATS_MT];
+#pragma unroll
+    for (int i = 0; i < 2 * STATS_MT; ++i) v[i] = ld128(xr[i] + kb);
+    uint4 d[NT > 0 ? NT : 1];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) d[n] = ld128(dp + (size_t)n * 8 * K + kb);
+    if (amax) {
+      const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq);
+      const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq + 4);
+#pragma unroll
+      for (int i = 0; i < 2 * STATS_MT; ++i) am[i] = absmax8<T>(v[i], s0, s1, am[i]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < STATS_MT; ++mt) {
+      const uint4 lo = v[2 * mt], hi = v[2 * mt + 1];
+      const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y}, a1[4] = {lo.z, hi.z, lo.w, hi.w};
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const uint32_t b0[2] = {d[n].x, d[n].y}, b1[2] = {d[n].z, d[n].w};
+        mma16816<T>(acc[mt][n], a0, b0);
+        mma16816<T>(acc[mt][n], a1, b1);
+      }
+    }
+  }
+}
+
+// grid (KC chunks, ceil(M / 32) token tiles): the chunks of one tile run side by side
+template <typename T>
+__global__ void __launch_bounds__(STATS_THREADS)
+act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
+                 const T* __restrict__ down, int M, int K, int R, int chunk,
+                 float* __restrict__ amax_part, float* __restrict__ branch_part) {
+  __shared__ float part[STATS_WARPS][STATS_TOKENS][STATS_RCHUNK + 1];  // +1: banks
+  __shared__ float amax_w[STATS_WARPS][STATS_TOKENS];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int c = blockIdx.x, KC = gridDim.x, t0 = blockIdx.y * STATS_TOKENS;
+  const int kb0 = c * chunk + warp * 32, kend = min(K, (c + 1) * chunk);
+  const T* xr[2 * STATS_MT];  // rows past M read row M-1 (never stored)
+#pragma unroll
+  for (int i = 0; i < 2 * STATS_MT; ++i) xr[i] = x + (size_t)min(t0 + g + 8 * i, M - 1) * K + 8 * tq;
+  float am[2 * STATS_MT];
+#pragma unroll
+  for (int i = 0; i < 2 * STATS_MT; ++i) am[i] = 0.f;
+
+  const int npass = R == 0 ? 1 : (R + STATS_RCHUNK - 1) / STATS_RCHUNK;
+  for (int pass = 0; pass < npass; ++pass) {
+    const int r0 = pass * STATS_RCHUNK;
+    const int ntiles = min(STATS_RCHUNK, R - r0) / 8;  // 0 when R == 0; even (R % 16 == 0)
+    float acc[STATS_MT][4][4];
+#pragma unroll
+    for (int mt = 0; mt < STATS_MT; ++mt)
+#pragma unroll
+      for (int n = 0; n < 4; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+    const T* dp = down + (size_t)(r0 + g) * K + 8 * tq;
+    const bool amax = pass == 0;
+    switch (ntiles) {  // a loop per tile count: its loads are unconditional and batch up
+      case 0: stats_slices<T, 0>(xr, inv_smooth, dp, kb0, kend, K, tq, amax, am, acc); break;
+      case 2: stats_slices<T, 2>(xr, inv_smooth, dp, kb0, kend, K, tq, amax, am, acc); break;
+      default: stats_slices<T, 4>(xr, inv_smooth, dp, kb0, kend, K, tq, amax, am, acc); break;
+    }
+    if (ntiles) {
+      // C layout: acc[mt][n][0,1] = (token 16mt + g, ranks 8n + 2tq, +1), [2,3] = token + 8
+#pragma unroll
+      for (int mt = 0; mt < STATS_MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            part[warp][16 * mt + g + 8 * (e / 2)][8 * n + 2 * tq + (e & 1)] = acc[mt][n][e];
+      __syncthreads();
+      const int nr = ntiles * 8;
+      for (int i = tid; i < STATS_TOKENS * nr; i += STATS_THREADS) {
+        const int row = i / nr, r = i % nr;
+        float s = part[0][row][r];
+#pragma unroll
+        for (int w = 1; w < STATS_WARPS; ++w) s = __fadd_rn(s, part[w][row][r]);
+        if (t0 + row < M) branch_part[((size_t)(t0 + row) * KC + c) * R + r0 + r] = s;
+      }
+      __syncthreads();  // part is reused by the next pass
+    }
+  }
+  // the chunk's maxima: the four lanes of a row, then the warps
+#pragma unroll
+  for (int i = 0; i < 2 * STATS_MT; ++i) {
+    am[i] = fmaxf(am[i], __shfl_xor_sync(0xffffffffu, am[i], 1));
+    am[i] = fmaxf(am[i], __shfl_xor_sync(0xffffffffu, am[i], 2));
+    if (tq == 0) amax_w[warp][g + 8 * i] = am[i];
+  }
+  __syncthreads();
+  if (tid < STATS_TOKENS && t0 + tid < M) {
+    float m = amax_w[0][tid];
+#pragma unroll
+    for (int w = 1; w < STATS_WARPS; ++w) m = fmaxf(m, amax_w[w][tid]);
+    amax_part[(size_t)(t0 + tid) * KC + c] = m;
+  }
+}
+
+// The scale of row t from its chunk maxima, for a whole warp: sx = max / 127, rcp = RN(1/sx)
+// (the largest float when the row is zero: codes 0), as act_kernel and quant.quantize_act.
+__device__ __forceinline__ float row_rcp(const float* __restrict__ amax_part, int t, int KC,
+                                         int lane, float& scale) {
+  float m = 0.f;
+  for (int c = lane; c < KC; c += 32) m = fmaxf(m, amax_part[(size_t)t * KC + c]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  scale = __fdiv_rn(m, 127.f);
+  return fminf(__frcp_rn(scale), FLT_MAX);
+}
+
+// act[t, r] = round16((sum over chunks c, in order, of branch_part[t][c][r]) * rank_scale[r])
+template <typename T>
+__device__ __forceinline__ void branch_row(const float* __restrict__ branch_part,
+                                           const float* __restrict__ rank_scale, int t, int KC,
+                                           int R, int lane, T* __restrict__ act) {
+  const float* p = branch_part + (size_t)t * KC * R;
+  for (int r = lane; r < R; r += 32) {
+    float s = p[r];
+#pragma unroll 4
+    for (int c = 1; c < KC; ++c) s = __fadd_rn(s, p[(size_t)c * R + r]);
+    act[(size_t)t * R + r] = F16<T>::from_f(__fmul_rn(s, rank_scale[r]));
+  }
+}
+
+// __launch_bounds__(.., 3): 80 registers, three blocks per SM; without a minimum ptxas chose 48
+// registers and issued the quantize loop's loads one chunk at a time
+template <typename T>
+__global__ void __launch_bounds__(QUANT_THREADS, 3)
+act_quant_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
+                 const float* __restrict__ rank_scale, int M, int K, int R, int KC,
+                 const float* __restrict__ amax_part, const float* __restrict__ branch_part,
+                 int8_t* __restrict__ codes, float* __restrict__ sx, int* __restrict__ sumq,
+                 T* __restrict__ act) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int ta = (gridDim.x - 1 - blockIdx.x) * 16 + warp, tb = ta + 8;
+  if (ta >= M) return;
+  const bool has_b = tb < M;
+  if (R) {  // first: its loads go out with the chunk maxima's
+    branch_row<T>(branch_part, rank_scale, ta, KC, R, lane, act);
+    if (has_b) branch_row<T>(branch_part, rank_scale, tb, KC, R, lane, act);
+  }
+  float scale_a, scale_b = 0.f;
+  const float rcp_a = row_rcp(amax_part, ta, KC, lane, scale_a);
+  const float rcp_b = has_b ? row_rcp(amax_part, tb, KC, lane, scale_b) : 0.f;
+  if (lane == 0) {
+    sx[ta] = scale_a;
+    if (has_b) sx[tb] = scale_b;
+  }
+  // the quantize loop of act_kernel's phase C: ACT_CB chunks per row in flight, unconditional
+  // loads (indices past K/8 re-read the last chunk, row b past M re-reads row a), permuted stores
+  const T* xa = x + (size_t)ta * K;
+  const T* xb = x + (size_t)(has_b ? tb : ta) * K;
+  int8_t* ca = codes + (size_t)ta * K;
+  int8_t* cb = codes + (size_t)tb * K;
+  int sum_a = 0, sum_b = 0;
+  const int nq = K / 8;
+  for (int q0 = lane; q0 < nq; q0 += 32 * ACT_CB) {
+    uint4 va[ACT_CB], vb[ACT_CB];
+    float4 s0[ACT_CB], s1[ACT_CB];
+#pragma unroll
+    for (int c = 0; c < ACT_CB; ++c) {
+      const int j0 = min(q0 + 32 * c, nq - 1) * 8;
+      va[c] = ld128(xa + j0);
+      vb[c] = ld128(xb + j0);
+      s0[c] = *reinterpret_cast<const float4*>(inv_smooth + j0);
+      s1[c] = *reinterpret_cast<const float4*>(inv_smooth + j0 + 4);
+    }
+#pragma unroll
+    for (int c = 0; c < ACT_CB; ++c) {
+      const int q = q0 + 32 * c;
+      const bool valid = q < nq;
+      const int j0 = min(q, nq - 1) * 8, jj = j0 & 63;
+      const int off = j0 - jj + 32 * ((jj / 8) & 1) + 4 * (jj / 16);  // P(j0) of the low word
+      uint32_t lo, hi;
+      int part_sum = 0;
+      quantize_chunk<T>(va[c], s0[c], s1[c], rcp_a, lo, hi, part_sum);
+      if (valid) {
+        *reinterpret_cast<uint32_t*>(ca + off) = lo;
+        *reinterpret_cast<uint32_t*>(ca + off + 16) = hi;
+        sum_a += part_sum;
+      }
+      part_sum = 0;
+      quantize_chunk<T>(vb[c], s0[c], s1[c], rcp_b, lo, hi, part_sum);
+      if (valid && has_b) {
+        *reinterpret_cast<uint32_t*>(cb + off) = lo;
+        *reinterpret_cast<uint32_t*>(cb + off + 16) = hi;
+        sum_b += part_sum;
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, o);
+    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, o);
+  }
+  if (lane == 0) {
+    sumq[ta] = sum_a;
+    if (has_b) sumq[tb] = sum_b;
+  }
+}
+
 // =============================================================================================
 // 2. GEMM kernel
 // =============================================================================================
@@ -434,13 +679,45 @@ static void launch_act(const void* x, int M, int K, const float* inv_smooth, con
       (const T*)x, inv_smooth, (const T*)down, rank_scale, M, K, R, codes, sx, sumq, (T*)act);
 }
 
+// fp32 workspace of the split activation kernels (variant 2): chunk maxima and branch partials
+long long svdq_w4a8_act_workspace(int M, int K, int R, int variant) {
+  if (variant != 2) return 0;
+  const long long KC = (K + svdq::act_chunk(K) - 1) / svdq::act_chunk(K);
+  return (long long)M * KC * (1 + R);
+}
+
+template <typename T>
+static void launch_act_split(const void* x, int M, int K, const float* inv_smooth,
+                             const void* down, const float* rank_scale, int R, int8_t* codes,
+                             float* sx, int* sumq, void* act, float* work, cudaStream_t stream) {
+  const int chunk = svdq::act_chunk(K), KC = (K + chunk - 1) / chunk;
+  float* amax_part = work;
+  float* branch_part = work + (size_t)M * KC;
+  dim3 grid(KC, (M + svdq::STATS_TOKENS - 1) / svdq::STATS_TOKENS);
+  svdq::act_stats_kernel<T><<<grid, svdq::STATS_THREADS, 0, stream>>>(
+      (const T*)x, inv_smooth, (const T*)down, M, K, R, chunk, amax_part, branch_part);
+  svdq::act_quant_kernel<T><<<(M + 15) / 16, svdq::QUANT_THREADS, 0, stream>>>(
+      (const T*)x, inv_smooth, rank_scale, M, K, R, KC, amax_part, branch_part, codes, sx, sumq,
+      (T*)act);
+}
+
+// variant 0: act_kernel, 16 tokens per block; 1: 8 tokens per block; 2: act_stats_kernel +
+// act_quant_kernel (work = svdq_w4a8_act_workspace floats). The caller picks (svdq/backends/
+// cuda.py); all three give the same codes, scales and sums.
 int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smooth, const void* down,
                   const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq, void* act,
-                  int variant, cudaStream_t stream) {
+                  float* work, int variant, cudaStream_t stream) {
   if (M == 0) return 0;
 #define SVDQ_ACT(TT, TM) \
   launch_act<TT, TM>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx, sumq, act, stream)
-  if (fp16) {
+  if (variant == 2) {
+    if (fp16)
+      launch_act_split<__half>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx, sumq, act,
+                               work, stream);
+    else
+      launch_act_split<__nv_bfloat16>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx, sumq,
+                                      act, work, stream);
+  } else if (fp16) {
     if (variant == 1) SVDQ_ACT(__half, 8); else SVDQ_ACT(__half, 16);
   } else {
     if (variant == 1) SVDQ_ACT(__nv_bfloat16, 8); else SVDQ_ACT(__nv_bfloat16, 16);
@@ -471,18 +748,18 @@ static int launch_gemm(const int8_t* codes, const float* sx, const int* sumq,
 int svdq_w4a8_gemm_sm90(const int8_t* codes, const float* sx, const int* sumq,
                         const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                         const void* act, const void* up, int R, const void* bias, void* y, int M,
-                        int N, int K, bool fp16, cudaStream_t stream);
+                        int N, int K, bool fp16, int* work, cudaStream_t stream);
 
 // variant 1: mma.sync (every GPU from sm_80); 2: wgmma (sm_90a builds only). The caller
 // (svdq/backends/cuda.py) picks; both compute the same bits.
 int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
-                   int variant, cudaStream_t stream) {
+                   int variant, int* work, cudaStream_t stream) {
   if (M == 0 || N == 0) return 0;
   if (variant == 2)
     return svdq_w4a8_gemm_sm90(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y,
-                               M, N, K, fp16, stream);
+                               M, N, K, fp16, work, stream);
   if (fp16)
     return launch_gemm<__half>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y,
                                M, N, K, stream);

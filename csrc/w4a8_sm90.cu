@@ -40,6 +40,13 @@
 // k-tile, which nothing refills until the next tile's first k-tile releases it, half a tile (128
 // tokens, 34 KB) at a time.
 //
+// Last wave: when the tiles leave the last wave at most half full (432 tiles on 132 SMs: three
+// full waves and 36 tiles), a second launch takes those tiles split into k-ranges, one range per
+// CTA, each storing its exact int32 sums; the last range of a tile to finish adds the others'
+// and runs the epilogue (split_plan; integer sums, so the bits do not depend on the order).
+// Measured 1.12x / 1.16x for mlp_fc2 / single_out at 4608 tokens (run 55); ranges shorter than
+// 16 k-tiles lost to the second launch and the partial sums' round trip (0.96x, K = 3072, run 54).
+//
 // Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
 // landed (mbarrier transaction count). A warp that has finished the wgmmas reading a stage adds
 // one to released[s] (a shared-memory counter, acq_rel); the warp whose add completes the count
@@ -189,7 +196,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
                  const __grid_constant__ CUtensorMap tm_act, const float* __restrict__ sx,
                  const int* __restrict__ sumq, const float* __restrict__ row_scale,
                  const T* __restrict__ up, int R, const T* __restrict__ bias, T* __restrict__ y,
-                 int M, int N, int K) {
+                 int M, int N, int K, int tile0, int n_units, int splits, int* __restrict__ part,
+                 int* __restrict__ arrived) {
 #ifdef SVDQ_SM90A_DEVICE
   constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN, WARPS = H_THREADS / 32;
   extern __shared__ uint8_t smem_raw[];
@@ -199,11 +207,14 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   // per stage: how many warps have finished reading it, summed over all its k-tiles
   uint32_t* released = reinterpret_cast<uint32_t*>(act_full + 1);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  const int KT = (K + H_BK - 1) / H_BK;
-  const int n_tiles_n = (N + BN - 1) / BN, n_tiles = n_tiles_n * ((M + BT - 1) / BT);
-  // this CTA's tiles: blockIdx.x, + gridDim.x, ... (channel tiles fastest); the k-tiles of all
-  // of them form one stream, u = (local tile) * KT + kt, so the copies run ahead across tiles
-  const int my_tiles = (n_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+  // work units: output tiles tile0, tile0 + 1, ... (channel tiles fastest), each split into
+  // `splits` equal k-ranges of KT k-tiles (splits > 1 only for a short last wave, one unit per
+  // CTA: see launch_sm90)
+  const int KT = (K + H_BK - 1) / H_BK / splits;
+  const int n_tiles_n = (N + BN - 1) / BN;
+  // this CTA's units: blockIdx.x, + gridDim.x, ...; the k-tiles of all of them form one
+  // stream, u = (local unit) * KT + kt, so the copies run ahead across units
+  const int my_tiles = (n_units - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
   if (my_tiles <= 0) return;  // the launcher never makes more CTAs than tiles; cheap to be sure
   const int n_iter = my_tiles * KT;
   uint8_t* slab = smem + H_ACT;
@@ -213,10 +224,12 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   int* ssq = reinterpret_cast<int*>(ssx + 2 * BT);
   static_assert(H_THREADS == H_BT, "one token per thread for the sx/sumq copies");
 
-  auto tile_of = [&](int j, int& n0, int& tk0) {
-    const int t = (int)blockIdx.x + j * (int)gridDim.x;
+  // unit j of this CTA: output tile (n0, tk0), its k-tiles kb .. kb + KT - 1
+  auto tile_of = [&](int j, int& n0, int& tk0, int& kb) {
+    const int unit = (int)blockIdx.x + j * (int)gridDim.x, t = tile0 + unit / splits;
     n0 = (t % n_tiles_n) * BN;
     tk0 = (t / n_tiles_n) * BT;
+    kb = (unit % splits) * KT;
   };
   // k-tile kt of the output tile (n0, tk0) into stage s
   auto issue_at = [&](int s, int kt, int n0, int tk0) {
@@ -227,9 +240,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     tma_2d(st + H_MULT, &tm_mult, n0, kt * 2, &full[s]);
   };
   auto issue = [&](int u) {  // stream position u: two divisions, so not in the steady state
-    int n0, tk0;
-    tile_of(u / KT, n0, tk0);
-    issue_at(u % S, u % KT, n0, tk0);
+    int n0, tk0, kb;
+    tile_of(u / KT, n0, tk0, kb);
+    issue_at(u % S, kb + u % KT, n0, tk0);
   };
   auto issue_slab = [&](int tk0, int r0) {
     mbar_expect_tx(act_full, H_ACT_BYTES);
@@ -245,8 +258,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     for (int u = 0; u < S && u < n_iter; ++u) issue(u);
     if (R > 0) {  // the first tile's first slab, needed only after its main loop
-      int n0, tk0;
-      tile_of(0, n0, tk0);
+      int n0, tk0, kb;
+      tile_of(0, n0, tk0, kb);
       issue_slab(tk0, 0);
     }
   }
@@ -259,9 +272,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   int u = 0;            // position in the k-tile stream
 
   for (int j = 0; j < my_tiles; ++j) {
-    int n0, tk0, n0_next, tk0_next;  // this tile and the next, for the refills
-    tile_of(j, n0, tk0);
-    tile_of(j + 1, n0_next, tk0_next);
+    int n0, tk0, kb, n0_next, tk0_next, kb_next;  // this unit and the next, for the refills
+    tile_of(j, n0, tk0, kb);
+    tile_of(j + 1, n0_next, tk0_next, kb_next);
     // two buffers: a warp here has passed the previous tile's post-loop barrier, so every warp
     // is done with the epilogue of tile j - 2, which used this buffer
     const int pb = (j & 1) * BT;
@@ -303,9 +316,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       if (u > 0 && lane == 0 && done % WARPS == WARPS - 1 && u - 1 + S < n_iter) {
         const int kv = kt - 1 + S, sv = (u - 1) & (S - 1);  // == (u - 1 + S) % S
         if (kv < KT)
-          issue_at(sv, kv, n0, tk0);
+          issue_at(sv, kb + kv, n0, tk0);
         else if (kv < 2 * KT)
-          issue_at(sv, kv - KT, n0_next, tk0_next);
+          issue_at(sv, kb_next + kv - KT, n0_next, tk0_next);
         else
           issue(u - 1 + S);  // K < 3 k-tiles: the copy is two or more tiles ahead
       }
@@ -318,6 +331,35 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     // (128 tokens) at a time. The other stages are meanwhile filling with the next tile.
     __syncthreads();
     uint8_t* out_stage = smem + ((u - 1) % S) * H_STAGE;
+    if (splits > 1) {
+      // A split tile: every unit stores its exact int32 sums, and the last of the tile's units
+      // to arrive adds the others' (integer addition: the same bits whatever the order) and
+      // runs the epilogue. The usual last-block pattern: stores, fence, barrier, counter.
+      const int unit = (int)blockIdx.x + j * (int)gridDim.x, first = unit - unit % splits;
+      int* mine = part + (size_t)unit * (NT * 4 * H_THREADS) + tid;
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[(size_t)(4 * i + e) * H_THREADS] = acc[i][e];
+      __threadfence();
+      __syncthreads();
+      uint32_t* flag = released + S;  // a spare word after the release counters
+      if (tid == 0) *flag = atomicAdd(&arrived[unit / splits], 1) == splits - 1;
+      __syncthreads();
+      if (!*flag) {
+        if (R > 0) mbar_wait(act_full, slabs++ & 1);  // no copy may still be landing at exit
+        continue;
+      }
+      __threadfence();
+      for (int o = first; o < first + splits; ++o) {
+        if (o == unit) continue;
+        const int* other = part + (size_t)o * (NT * 4 * H_THREADS) + tid;
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][e] += __ldcg(other + (size_t)(4 * i + e) * H_THREADS);
+      }
+    }
 
     // Epilogue: epilogue_m16's numbers (the same dequant_n8 and stage_n8, csrc/common.cuh), but
     // the low-rank up-projection runs on wgmma straight into the dequantized accumulators: up is
@@ -381,6 +423,30 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
 
 }  // namespace svdq
 
+// Wave plan. One CTA per SM walks whole tiles; when the tiles do not fill the last wave well
+// (432 tiles on 132 SMs: three full waves and 36 tiles, so a fourth wave with 27% of the SMs
+// busy for a whole tile's time), the last wave's tiles are split into k-ranges, one per CTA:
+// 36 tiles x 3 ranges run on 108 SMs for a third of the time. Returns the split count (1: none)
+// and the tiles of the full waves.
+static int split_plan(int M, int N, int K, int sms, int& full_tiles) {
+  using namespace svdq;
+  const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT), KT = (K + H_BK - 1) / H_BK;
+  full_tiles = tiles;
+  if (sms <= 0 || tiles <= sms) return 1;
+  const int rest = tiles % sms;
+  if (rest == 0 || 2 * rest > sms) return 1;  // the last wave is at least half full
+  int splits = 1;  // ranges of at least 16 k-tiles: shorter ones lost to their fixed costs
+  for (int s = 2; s * rest <= sms && KT / s >= 16; ++s)
+    if (KT % s == 0) splits = s;
+  if (splits > 1) full_tiles = tiles - rest;
+  return splits;
+}
+
+// the plan for the binding (tests): splits, and the tiles of the full waves in *full
+int svdq_w4a8_gemm_split_plan(int M, int N, int K, int sms, int* full) {
+  return split_plan(M, N, K, sms, *full);
+}
+
 #ifdef SVDQ_SM90A
 // cuTensorMapEncodeTiled from the driver, looked up once through the runtime (no -lcuda).
 static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -429,7 +495,7 @@ template <typename T>
 static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
                       const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                       const void* act, const void* up, int R, const void* bias, void* y, int M,
-                      int N, int K, cudaStream_t stream) {
+                      int N, int K, int* work, cudaStream_t stream) {
   using namespace svdq;
   CUtensorMap tc, tw, tm;
   int rc = make_map<2>(&tc, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
@@ -451,27 +517,54 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   cudaError_t e = cudaFuncSetAttribute(gemm_sm90_kernel<T>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
   if (e != cudaSuccess) return (int)e;
-  // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles
-  const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT);
-  int grid = sm_count();
-  if (grid <= 0 || tiles < grid) grid = tiles;
+  // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles;
+  // a short last wave as a second launch of k-split tiles, one per CTA (split_plan)
+  const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT), sms = sm_count();
+  int full = 0;
+  const int splits = split_plan(M, N, K, sms, full);
+  int grid = sms;
+  if (grid <= 0 || full < grid) grid = full;
   gemm_sm90_kernel<T><<<grid, H_THREADS, H_SMEM, stream>>>(
-      tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K);
+      tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K, 0,
+      full, 1, nullptr, nullptr);
+  if (splits > 1) {
+    const int rest = tiles - full, units = rest * splits;
+    int* arrived = work + (size_t)units * (H_BT / 8) * 4 * H_THREADS;
+    e = cudaMemsetAsync(arrived, 0, rest * sizeof(int), stream);
+    if (e != cudaSuccess) return (int)e;
+    gemm_sm90_kernel<T><<<units, H_THREADS, H_SMEM, stream>>>(
+        tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K,
+        full, units, splits, work, arrived);
+  }
   return (int)cudaGetLastError();
 }
 #endif  // SVDQ_SM90A
 
+// int32 words of workspace the GEMM needs for M x N x K (partial sums, then arrival counters)
+long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K) {
+#ifndef SVDQ_SM90A
+  return 0;
+#else
+  using namespace svdq;
+  int full = 0;
+  const int splits = split_plan(M, N, K, sm_count(), full);
+  if (splits == 1) return 0;
+  const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT), rest = tiles - full;
+  return (long long)rest * splits * (H_BT / 8) * 4 * H_THREADS + rest;
+#endif
+}
+
 int svdq_w4a8_gemm_sm90(const int8_t* codes, const float* sx, const int* sumq,
                         const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                         const void* act, const void* up, int R, const void* bias, void* y, int M,
-                        int N, int K, bool fp16, cudaStream_t stream) {
+                        int N, int K, bool fp16, int* work, cudaStream_t stream) {
 #ifndef SVDQ_SM90A
   return (int)cudaErrorInvalidDeviceFunction;  // this build has no sm_90a code
 #else
   if (fp16)
     return launch_sm90<__half>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y, M,
-                               N, K, stream);
+                               N, K, work, stream);
   return launch_sm90<__nv_bfloat16>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias,
-                                    y, M, N, K, stream);
+                                    y, M, N, K, work, stream);
 #endif
 }

@@ -135,9 +135,11 @@ ACT_SHAPES = [(1, 64), (333, 3072), (17, 15360), (40, 704), (5, 3136), (4099, 30
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rank", [0, 16, 32, 48, 112])
 @pytest.mark.parametrize("m,k", ACT_SHAPES)
-@pytest.mark.parametrize("variant", [0, 1], ids=["tm16", "tm8"])
+@pytest.mark.parametrize("variant", [0, 1, 2], ids=["tm16", "tm8", "split"])
 def test_activation_kernel(gen, m, k, rank, dtype, variant):
-    """Codes, scales and code sums exactly as quant.quantize_act; branch activation to 1 ulp."""
+    """Codes, scales and code sums exactly as quant.quantize_act; branch activation to 1 ulp.
+    Variants: act_kernel with 16- or 8-token blocks, and the split pair (act_stats_kernel +
+    act_quant_kernel), whose chunk partials cover K = 15360 in 8 chunks with a short last one."""
     from svdq import quant, reference
     from svdq.backends.cuda import act_perm
     cuda, _ = _backends()
@@ -189,9 +191,9 @@ def test_deterministic_and_poison(gen):
         other = CudaBackend()
         other.gemm_variant = v
         assert torch.equal(other.run(layer, prep, x), y1), f"GEMM variant {v} differs"
-    # both activation-kernel block sizes: same codes, scales and sums; the branch sums run in
-    # another fp32 order, so they are held to the reference like any output
-    for v in (0, 1):
+    # every activation kernel (16- and 8-token act_kernel, the split pair): same codes, scales and
+    # sums; the branch sums run in other fp32 orders, so they are held to the reference
+    for v in (0, 1, 2):
         other = CudaBackend()
         other.act_variant = v
         y3, p3 = other.run(layer, prep, x, return_parts=True)
@@ -214,7 +216,27 @@ GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
                # the persistent wgmma GEMM: ~16 and ~8 tiles per CTA with fewer k-tiles per tile
                # than stages (the copies run ahead into the next tiles), a K % 128 == 64 tail,
                # partial last channel and token tiles
-               (8191, 64, 8192), (8193, 192, 4096), (3001, 320, 2064)]
+               (8191, 64, 8192), (8193, 192, 4096), (3001, 320, 2064),
+               # a short last wave split into k-ranges on a 132-SM H200 (test_gemm_split_plan):
+               # 3 ranges of 32 k-tiles with a partial last token tile, 8 ranges of 16, and 2 of
+               # 16 with a K % 128 == 64 tail
+               (4500, 12288, 3072), (4352, 16384, 4096), (300, 4032, 17408)]
+
+
+def test_gemm_split_plan():
+    """The wave plan of the wgmma GEMM: a last wave at most half full is split into k-ranges of
+    at least 16 k-tiles (as many as fit on the SMs and divide the k-tiles); the GEMM_SHAPES
+    above take it on the H200's 132 SMs."""
+    from svdq import build
+    plan = build.load().gemm_split_plan                # (M, N, K, SMs) -> (splits, full tiles)
+    assert plan(4500, 3072, 12288, 132) == (3, 396)    # 432 tiles: 36 left, 3 x 36 <= 132
+    assert plan(4352, 4096, 16384, 132) == (8, 528)    # 544 tiles: 16 left, 128 k-tiles
+    assert plan(300, 17408, 4032, 132) == (2, 264)     # 272 tiles: 8 left, 32 k-tiles
+    assert plan(4608, 3072, 15360, 132) == (3, 396)    # single_out at 4608 tokens
+    assert plan(4608, 3072, 3072, 132) == (1, 432)     # 24 k-tiles: ranges would be too short
+    assert plan(4608, 9216, 3072, 132) == (1, 1296)    # 108 left: the last wave is 82% full
+    assert plan(256, 3072, 12288, 132) == (1, 24)      # fewer tiles than SMs
+    assert plan(4500, 3072, 6016, 132) == (1, 432)     # 47 k-tiles: no range count divides
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -15,6 +15,7 @@ cuBLAS; fp32 inputs use the reference math.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,6 +28,17 @@ MAX_K = 65536
 
 def _ceil16(r: int) -> int:
     return (r + 15) // 16 * 16
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device=None) -> int:
+    """The SM count of `device` (default: the current CUDA device)."""
+    d = torch.device(device) if device is not None else torch.device("cuda")
+    return _sms(d.index if d.index is not None else torch.cuda.current_device())
 
 
 def act_perm(K: int, device=None) -> torch.Tensor:
@@ -58,9 +70,8 @@ class CudaBackend:
     # builds only); both give the same bits. None = the fastest this build has.
     gemm_variant = (int(os.environ["SVDQ_GEMM_VARIANT"]) if os.environ.get("SVDQ_GEMM_VARIANT")
                     else None)
-    # activation kernel tokens per block: 0 = 16, 1 = 8 (csrc/w4a8.cu); None = by token count:
-    # 8-token blocks win below ~512 tokens (more blocks in flight), 16 above (bench/NOTES.md,
-    # runs 20 and 23)
+    # activation kernels (csrc/w4a8.cu): 0 = act_kernel with 16-token blocks, 1 = with 8-token
+    # blocks, 2 = split in two launches over k-chunks; None = by token count (act_variant_for)
     act_variant = (int(os.environ["SVDQ_ACT_VARIANT"]) if os.environ.get("SVDQ_ACT_VARIANT")
                    else None)
     ACT_SMALL_M = 512
@@ -102,9 +113,23 @@ class CudaBackend:
                                "(wgmma)")
         return self.gemm_variant
 
-    def act_variant_for(self, m: int) -> int:
-        """The activation kernel for M tokens: act_variant if set, else by token count."""
-        return self.act_variant if self.act_variant is not None else int(m <= self.ACT_SMALL_M)
+    def act_variant_for(self, m: int, device=None) -> int:
+        """The activation kernel for M tokens: act_variant if set, else by token count.
+
+        act_kernel runs two 16-token blocks per SM. Up to 512 tokens its 8-token blocks win (more
+        blocks in flight). Above one wave, when the last wave of blocks is at most half full (288
+        blocks on 264 slots at 4608 tokens), the SMs idle through most of a block's time, and the
+        split kernels, whose blocks are a fraction of a row, win; with the last wave fuller,
+        act_kernel reads x once from DRAM where the split kernels read it twice, and wins
+        (bench/NOTES.md, session 8).
+        """
+        if self.act_variant is not None:
+            return self.act_variant
+        if m <= self.ACT_SMALL_M:
+            return 1
+        slots = 2 * _sm_count(device)
+        blocks = (m + 15) // 16
+        return 2 if blocks > slots and 2 * (blocks % slots) <= slots else 0
 
     def prepare(self, layer):
         if layer.kind == "w4a16":
@@ -186,7 +211,7 @@ class CudaBackend:
         sumq = torch.empty(m, dtype=torch.int32, device=dev)
         act = torch.empty(m, r16, dtype=dt, device=dev)
         ext.act_quant(x, prep["inv_smooth"], down, br["rank_scale"], codes, sx, sumq, act,
-                      self.act_variant_for(m))
+                      self.act_variant_for(m, dev))
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
         ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
