@@ -310,8 +310,8 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 //                     tests), then act_kernel's quantize loop. Blocks run in reverse token order:
 //                     the rows act_stats_kernel read last are the likeliest still in L2.
 // x is read twice from memory (act_kernel's second read mostly hits L2), so this wins only where
-// act_kernel's last wave is short: the backend picks it then (svdq/backends/cuda.py,
-// act_variant_for). Measured (bench/NOTES.md, session 8): at 4608 tokens, rank 32, 106 / 129 us
+// act_kernel's last wave is short (at most a quarter full): the backend picks it then
+// (svdq/backends/cuda.py, act_variant_for). Measured (bench/NOTES.md, session 8): at 4608 tokens, rank 32, 106 / 129 us
 // against 129 / 158 us at K = 12288 / 15360, equal at K = 3072; at 8192 tokens (a full last
 // wave) 13-44% slower.
 // Workspace (fp32, the binding allocates it): amax_part [M][KC], branch_part [M][KC][R16].

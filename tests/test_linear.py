@@ -69,3 +69,23 @@ def test_state_dict_roundtrip_and_bad_input(gen):
         layer(torch.randn(2, 100))
     with pytest.raises(ValueError, match="multiple of 64"):
         svdq.SVDQLinear(100, 10)
+
+
+def test_cuda_activation_kernel_choice(monkeypatch):
+    """The fused backend's activation kernel by token count (no GPU needed: the SM count is
+    given): 8-token blocks up to 512 tokens, the split kernels only when act_kernel's last wave
+    of 16-token blocks (two per SM) is at most a quarter full, act_kernel otherwise; an explicit
+    choice wins."""
+    from svdq.backends import cuda
+    monkeypatch.setattr(cuda, "_sm_count", lambda device=None: 132)   # H200: 264 block slots
+    be = cuda.CudaBackend()
+    be.act_variant = None
+    picks = {m: be.act_variant_for(m) for m in (1, 512, 513, 4096, 4224, 4608, 5280, 5296, 6144,
+                                                8192, 16896)}
+    assert picks == {1: 1, 512: 1, 513: 0, 4096: 0,   # at most one wave
+                     4224: 0,                         # exactly one wave (264 blocks)
+                     4608: 2, 5280: 2,                # 288 / 330 blocks: 24 / 66 in the last wave
+                     5296: 0, 6144: 0, 8192: 0,       # 67, 120 and 248 in the last wave
+                     16896: 0}                        # four full waves
+    be.act_variant = 0
+    assert be.act_variant_for(4608) == 0

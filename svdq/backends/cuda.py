@@ -116,12 +116,14 @@ class CudaBackend:
     def act_variant_for(self, m: int, device=None) -> int:
         """The activation kernel for M tokens: act_variant if set, else by token count.
 
-        act_kernel runs two 16-token blocks per SM. Up to 512 tokens its 8-token blocks win (more
-        blocks in flight). Above one wave, when the last wave of blocks is at most half full (288
-        blocks on 264 slots at 4608 tokens), the SMs idle through most of a block's time, and the
-        split kernels, whose blocks are a fraction of a row, win; with the last wave fuller,
-        act_kernel reads x once from DRAM where the split kernels read it twice, and wins
-        (bench/NOTES.md, session 8).
+        act_kernel runs two 16-token blocks per SM (128 registers). Up to 512 tokens its 8-token
+        blocks win (more blocks in flight). Above one wave, when the last wave of blocks is at
+        most a quarter full (288 blocks on 264 slots at 4608 tokens: 9%), the SMs idle through
+        most of a block's time and the split kernels, whose blocks are a fraction of a row, win
+        at K >= 12288 and tie at 3072; with the last wave fuller, act_kernel reads x once from
+        DRAM where the split kernels read it twice, and wins or ties (6144 tokens, 45% full:
+        35 vs 41 us at K = 3072; 6656 and 8192 tokens: act_kernel faster; bench/NOTES.md, runs
+        55-56). The quarter is a threshold between the 9% and the 45% measured.
         """
         if self.act_variant is not None:
             return self.act_variant
@@ -129,7 +131,8 @@ class CudaBackend:
             return 1
         slots = 2 * _sm_count(device)
         blocks = (m + 15) // 16
-        return 2 if blocks > slots and 2 * (blocks % slots) <= slots else 0
+        rest = blocks % slots
+        return 2 if blocks > slots and 0 < rest and 4 * rest <= slots else 0
 
     def prepare(self, layer):
         if layer.kind == "w4a16":
