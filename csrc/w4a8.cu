@@ -157,6 +157,64 @@ __device__ __forceinline__ void branch_slices(const T* xlo, const T* xhi,
   }
 }
 
+// Phase C for one warp: rows a and b (when HAS_B) of x quantized with their reciprocal scales
+// into the permuted codes, lane q taking the 8-value chunks q, q + 32, ... Each lane issues
+// ACT_CB chunks per row before using any; the loads are unconditional (indices past K/8 re-read
+// the last chunk, a row b that is not stored re-reads a valid row) and no branch separates
+// them, so they overlap instead of costing one L2 round trip per chunk. sum_a, sum_b: the rows'
+// code sums, reduced over the warp. act_kernel and act_quant_kernel both quantize here.
+template <typename T, bool HAS_B>
+__device__ __forceinline__ void quantize_rows(const T* __restrict__ xa, const T* __restrict__ xb,
+                                              int8_t* __restrict__ ca, int8_t* __restrict__ cb,
+                                              bool store_b, const float* __restrict__ inv_smooth,
+                                              float rcp_a, float rcp_b, int K, int lane,
+                                              int& sum_a, int& sum_b) {
+  sum_a = 0;
+  sum_b = 0;
+  const int nq = K / 8;
+  for (int q0 = lane; q0 < nq; q0 += 32 * ACT_CB) {
+    uint4 va[ACT_CB], vb[ACT_CB];
+    float4 s0[ACT_CB], s1[ACT_CB];
+#pragma unroll
+    for (int c = 0; c < ACT_CB; ++c) {
+      const int j0 = min(q0 + 32 * c, nq - 1) * 8;
+      va[c] = ld128(xa + j0);
+      if (HAS_B) vb[c] = ld128(xb + j0);
+      s0[c] = *reinterpret_cast<const float4*>(inv_smooth + j0);
+      s1[c] = *reinterpret_cast<const float4*>(inv_smooth + j0 + 4);
+    }
+#pragma unroll
+    for (int c = 0; c < ACT_CB; ++c) {
+      const int q = q0 + 32 * c;
+      const bool valid = q < nq;
+      const int j0 = min(q, nq - 1) * 8, jj = j0 & 63;
+      const int off = j0 - jj + 32 * ((jj / 8) & 1) + 4 * (jj / 16);  // P(j0) of the low word
+      uint32_t lo, hi;
+      int part_sum = 0;
+      quantize_chunk<T>(va[c], s0[c], s1[c], rcp_a, lo, hi, part_sum);
+      if (valid) {
+        *reinterpret_cast<uint32_t*>(ca + off) = lo;
+        *reinterpret_cast<uint32_t*>(ca + off + 16) = hi;
+        sum_a += part_sum;
+      }
+      if (HAS_B) {
+        part_sum = 0;
+        quantize_chunk<T>(vb[c], s0[c], s1[c], rcp_b, lo, hi, part_sum);
+        if (valid && store_b) {
+          *reinterpret_cast<uint32_t*>(cb + off) = lo;
+          *reinterpret_cast<uint32_t*>(cb + off + 16) = hi;
+          sum_b += part_sum;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, o);
+    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, o);
+  }
+}
+
 template <typename T, int TM>
 __global__ void __launch_bounds__(ACT_THREADS)
 act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const T* __restrict__ down,
@@ -230,62 +288,16 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   }
   __syncthreads();
 
-  // phase C: warp w takes rows w and w + 8 together (one inv_smooth load serves both). Each
-  // lane issues ACT_CB chunks per row before using any; the loads are unconditional (indices
-  // past K/8 re-read the last chunk, rows past M re-read row M-1, neither is stored) and no
-  // branch separates them, so they overlap instead of costing one L2 round trip per chunk.
+  // phase C: warp w takes rows w and w + 8 together (one inv_smooth load serves both); rows
+  // past M re-read row M-1 and are never stored
   const int ta = t0 + warp, tb = ta + 8;
-  constexpr bool has_b = TM == 16;
   if (ta >= M) return;
-  const float rcp_a = rcp_s[warp], rcp_b = has_b ? rcp_s[warp + 8] : 0.f;
-  const T* xa = x + (size_t)ta * K;
-  const T* xb = x + (size_t)min(tb, M - 1) * K;
-  int8_t* ca = codes + (size_t)ta * K;
-  int8_t* cb = codes + (size_t)tb * K;
-  const bool store_b = has_b && tb < M;
-  int sum_a = 0, sum_b = 0;
-  const int nq = K / 8;
-  for (int q0 = lane; q0 < nq; q0 += 32 * ACT_CB) {
-    uint4 va[ACT_CB], vb[ACT_CB];
-    float4 s0[ACT_CB], s1[ACT_CB];
-#pragma unroll
-    for (int c = 0; c < ACT_CB; ++c) {
-      const int j0 = min(q0 + 32 * c, nq - 1) * 8;
-      va[c] = ld128(xa + j0);
-      if (has_b) vb[c] = ld128(xb + j0);
-      s0[c] = *reinterpret_cast<const float4*>(inv_smooth + j0);
-      s1[c] = *reinterpret_cast<const float4*>(inv_smooth + j0 + 4);
-    }
-#pragma unroll
-    for (int c = 0; c < ACT_CB; ++c) {
-      const int q = q0 + 32 * c;
-      const bool valid = q < nq;
-      const int j0 = min(q, nq - 1) * 8, jj = j0 & 63;
-      const int off = j0 - jj + 32 * ((jj / 8) & 1) + 4 * (jj / 16);  // P(j0) of the low word
-      uint32_t lo, hi;
-      int part_sum = 0;
-      quantize_chunk<T>(va[c], s0[c], s1[c], rcp_a, lo, hi, part_sum);
-      if (valid) {
-        *reinterpret_cast<uint32_t*>(ca + off) = lo;
-        *reinterpret_cast<uint32_t*>(ca + off + 16) = hi;
-        sum_a += part_sum;
-      }
-      if (has_b) {
-        part_sum = 0;
-        quantize_chunk<T>(vb[c], s0[c], s1[c], rcp_b, lo, hi, part_sum);
-        if (valid && store_b) {
-          *reinterpret_cast<uint32_t*>(cb + off) = lo;
-          *reinterpret_cast<uint32_t*>(cb + off + 16) = hi;
-          sum_b += part_sum;
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, o);
-    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, o);
-  }
+  const bool store_b = TM == 16 && tb < M;
+  int sum_a, sum_b;
+  quantize_rows<T, TM == 16>(x + (size_t)ta * K, x + (size_t)min(tb, M - 1) * K,
+                             codes + (size_t)ta * K, codes + (size_t)tb * K, store_b, inv_smooth,
+                             rcp_s[warp], TM == 16 ? rcp_s[warp + 8] : 0.f, K, lane, sum_a,
+                             sum_b);
   if (lane == 0) {
     sumq[ta] = sum_a;
     if (store_b) sumq[tb] = sum_b;
@@ -484,53 +496,10 @@ act_quant_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
     sx[ta] = scale_a;
     if (has_b) sx[tb] = scale_b;
   }
-  // the quantize loop of act_kernel's phase C: ACT_CB chunks per row in flight, unconditional
-  // loads (indices past K/8 re-read the last chunk, row b past M re-reads row a), permuted stores
-  const T* xa = x + (size_t)ta * K;
-  const T* xb = x + (size_t)(has_b ? tb : ta) * K;
-  int8_t* ca = codes + (size_t)ta * K;
-  int8_t* cb = codes + (size_t)tb * K;
-  int sum_a = 0, sum_b = 0;
-  const int nq = K / 8;
-  for (int q0 = lane; q0 < nq; q0 += 32 * ACT_CB) {
-    uint4 va[ACT_CB], vb[ACT_CB];
-    float4 s0[ACT_CB], s1[ACT_CB];
-#pragma unroll
-    for (int c = 0; c < ACT_CB; ++c) {
-      const int j0 = min(q0 + 32 * c, nq - 1) * 8;
-      va[c] = ld128(xa + j0);
-      vb[c] = ld128(xb + j0);
-      s0[c] = *reinterpret_cast<const float4*>(inv_smooth + j0);
-      s1[c] = *reinterpret_cast<const float4*>(inv_smooth + j0 + 4);
-    }
-#pragma unroll
-    for (int c = 0; c < ACT_CB; ++c) {
-      const int q = q0 + 32 * c;
-      const bool valid = q < nq;
-      const int j0 = min(q, nq - 1) * 8, jj = j0 & 63;
-      const int off = j0 - jj + 32 * ((jj / 8) & 1) + 4 * (jj / 16);  // P(j0) of the low word
-      uint32_t lo, hi;
-      int part_sum = 0;
-      quantize_chunk<T>(va[c], s0[c], s1[c], rcp_a, lo, hi, part_sum);
-      if (valid) {
-        *reinterpret_cast<uint32_t*>(ca + off) = lo;
-        *reinterpret_cast<uint32_t*>(ca + off + 16) = hi;
-        sum_a += part_sum;
-      }
-      part_sum = 0;
-      quantize_chunk<T>(vb[c], s0[c], s1[c], rcp_b, lo, hi, part_sum);
-      if (valid && has_b) {
-        *reinterpret_cast<uint32_t*>(cb + off) = lo;
-        *reinterpret_cast<uint32_t*>(cb + off + 16) = hi;
-        sum_b += part_sum;
-      }
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, o);
-    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, o);
-  }
+  int sum_a, sum_b;
+  quantize_rows<T, true>(x + (size_t)ta * K, x + (size_t)(has_b ? tb : ta) * K,
+                         codes + (size_t)ta * K, codes + (size_t)tb * K, has_b, inv_smooth, rcp_a,
+                         rcp_b, K, lane, sum_a, sum_b);
   if (lane == 0) {
     sumq[ta] = sum_a;
     if (has_b) sumq[tb] = sum_b;
