@@ -1,11 +1,12 @@
 // SVDQuant W4A8 kernels: 4-bit weights x int8 activations on the INT8 tensor cores (sm_80+),
 // with the 16-bit low-rank branch fused into both kernels.
 //
-// Two launches per linear layer:
+// Two stages per linear layer:
 //   1. svdq_w4a8_act   computes the low-rank activation (x . down^T) * rank_scale in fp32 on
 //                      16-bit tensor cores and quantizes x * inv_smooth per token to int8
-//                      (svdq/quant.py quantize_act, exactly); x is read from DRAM once and
-//                      re-read from L2 once.
+//                      (svdq/quant.py quantize_act, exactly): act_kernel (one launch; x read
+//                      from DRAM once and re-read from L2), or act_stats_kernel +
+//                      act_quant_kernel where act_kernel's last wave of blocks is short (1b).
 //   2. svdq_w4a8_gemm  y = float(acc) * (sx[t] * row_scale[n]) + act . up^T + bias, where acc is
 //                      the exact int32 sum over k of q_x[t,k] * code[n,k] * mult[n,k/64].
 //
