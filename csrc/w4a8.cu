@@ -128,34 +128,58 @@ __device__ __forceinline__ float absmax8(uint4 v, float4 s0, float4 s1, float am
   return am;
 }
 
-// Phase B over this warp's k-slices for NT rank tiles (0, 2, 4, 6 or 8) and the token rows g
-// (and g+8 when HI): see the act_kernel comment for the fragment mapping.
-template <typename T, int NT, bool HI>
-__device__ __forceinline__ void branch_slices(const T* xlo, const T* xhi,
-                                              const float* __restrict__ inv_smooth, const T* dp,
-                                              int K, int warp, int tq, bool amax, float& am_lo,
-                                              float& am_hi, float (&acc)[8][4]) {
+// Phase B over this warp's k-slices kb0, kb0 + step, ... < kend for NT rank tiles and MT m16
+// tiles of tokens, each down load serving the MT tiles: xr[2mt] is token row g of tile mt,
+// xr[2mt + 1] row g + 8 (zeros, never loaded, when !HI); am[i] the running max of row xr[i];
+// acc[NA * mt + n] the accumulators of tile mt, rank tile n. The fragment mapping is in the
+// act_kernel comment. act_kernel (MT 1, through branch_slices) and act_stats_kernel (MT 2) run
+// it.
+template <typename T, int NT, int MT, bool HI, int NA>
+__device__ __forceinline__ void branch_loop(const T* const* xr, const float* __restrict__ inv_smooth,
+                                            const T* dp, int kb0, int kend, int step, int K,
+                                            int tq, bool amax, float* am, float (*acc)[4]) {
 #pragma unroll 2
-  for (int kb = warp * 32; kb < K; kb += ACT_WARPS * 32) {
-    const uint4 va = ld128(xlo + kb);
-    const uint4 vb = HI ? ld128(xhi + kb) : make_uint4(0, 0, 0, 0);
+  for (int kb = kb0; kb < kend; kb += step) {
+    uint4 v[2 * MT];
+#pragma unroll
+    for (int i = 0; i < 2 * MT; ++i)
+      v[i] = (HI || i % 2 == 0) ? ld128(xr[i] + kb) : make_uint4(0, 0, 0, 0);
     uint4 d[NT > 0 ? NT : 1];
 #pragma unroll
     for (int n = 0; n < NT; ++n) d[n] = ld128(dp + (size_t)n * 8 * K + kb);
     if (amax) {
       const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq);
       const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq + 4);
-      am_lo = absmax8<T>(va, s0, s1, am_lo);
-      if (HI) am_hi = absmax8<T>(vb, s0, s1, am_hi);
-    }
-    const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y}, a1[4] = {va.z, vb.z, va.w, vb.w};
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const uint32_t b0[2] = {d[n].x, d[n].y}, b1[2] = {d[n].z, d[n].w};
-      mma16816<T>(acc[n], a0, b0);
-      mma16816<T>(acc[n], a1, b1);
+      for (int i = 0; i < 2 * MT; ++i)
+        if (HI || i % 2 == 0) am[i] = absmax8<T>(v[i], s0, s1, am[i]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const uint4 lo = v[2 * mt], hi = v[2 * mt + 1];
+      const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y}, a1[4] = {lo.z, hi.z, lo.w, hi.w};
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const uint32_t b0[2] = {d[n].x, d[n].y}, b1[2] = {d[n].z, d[n].w};
+        mma16816<T>(acc[NA * mt + n], a0, b0);
+        mma16816<T>(acc[NA * mt + n], a1, b1);
+      }
     }
   }
+}
+
+// act_kernel's phase B: token rows g (and g+8 when HI), k-slices j = warp mod ACT_WARPS
+template <typename T, int NT, bool HI>
+__device__ __forceinline__ void branch_slices(const T* xlo, const T* xhi,
+                                              const float* __restrict__ inv_smooth, const T* dp,
+                                              int K, int warp, int tq, bool amax, float& am_lo,
+                                              float& am_hi, float (&acc)[8][4]) {
+  const T* const xr[2] = {xlo, xhi};
+  float am[2] = {am_lo, am_hi};
+  branch_loop<T, NT, 1, HI, 8>(xr, inv_smooth, dp, warp * 32, K, ACT_WARPS * 32, K, tq, amax, am,
+                               acc);
+  am_lo = am[0];
+  am_hi = am[1];
 }
 
 // Phase C for one warp: rows a and b (when HAS_B) of x quantized with their reciprocal scales
@@ -340,42 +364,6 @@ constexpr int QUANT_THREADS = QUANT_WARPS * 32;
 // 1024 / 2048 (runs 51-52): shorter chunks add partials, longer ones lengthen each warp's chain
 __host__ __device__ inline int act_chunk(int K) { return K <= 4096 ? 1024 : 2048; }
 
-// One k-chunk of this warp for NT rank tiles (0, 2 or 4): the act_kernel fragment mapping, with
-// STATS_MT m16 tiles of tokens sharing each down fragment. xr[i] = token row g + 8i.
-template <typename T, int NT>
-__device__ __forceinline__ void stats_slices(const T* const (&xr)[2 * STATS_MT],
-                                             const float* __restrict__ inv_smooth, const T* dp,
-                                             int kb0, int kend, int K, int tq, bool amax,
-                                             float (&am)[2 * STATS_MT],
-                                             float (&acc)[STATS_MT][4][4]) {
-#pragma unroll 2
-  for (int kb = kb0; kb < kend; kb += STATS_WARPS * 32) {
-    uint4 v[2 * STATS_MT];
-#pragma unroll
-    for (int i = 0; i < 2 * STATS_MT; ++i) v[i] = ld128(xr[i] + kb);
-    uint4 d[NT > 0 ? NT : 1];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) d[n] = ld128(dp + (size_t)n * 8 * K + kb);
-    if (amax) {
-      const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq);
-      const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq + 4);
-#pragma unroll
-      for (int i = 0; i < 2 * STATS_MT; ++i) am[i] = absmax8<T>(v[i], s0, s1, am[i]);
-    }
-#pragma unroll
-    for (int mt = 0; mt < STATS_MT; ++mt) {
-      const uint4 lo = v[2 * mt], hi = v[2 * mt + 1];
-      const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y}, a1[4] = {lo.z, hi.z, lo.w, hi.w};
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const uint32_t b0[2] = {d[n].x, d[n].y}, b1[2] = {d[n].z, d[n].w};
-        mma16816<T>(acc[mt][n], a0, b0);
-        mma16816<T>(acc[mt][n], a1, b1);
-      }
-    }
-  }
-}
-
 // grid (KC chunks, ceil(M / 32) token tiles): the chunks of one tile run side by side
 template <typename T>
 __global__ void __launch_bounds__(STATS_THREADS)
@@ -386,7 +374,8 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
   __shared__ float amax_w[STATS_WARPS][STATS_TOKENS];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int c = blockIdx.x, KC = gridDim.x, t0 = blockIdx.y * STATS_TOKENS;
-  const int kb0 = c * chunk + warp * 32, kend = min(K, (c + 1) * chunk);
+  // this warp's k-slices of the chunk: kb0, kb0 + step, ... < kend
+  const int kb0 = c * chunk + warp * 32, kend = min(K, (c + 1) * chunk), step = STATS_WARPS * 32;
   const T* xr[2 * STATS_MT];  // rows past M read row M-1 (never stored)
 #pragma unroll
   for (int i = 0; i < 2 * STATS_MT; ++i) xr[i] = x + (size_t)min(t0 + g + 8 * i, M - 1) * K + 8 * tq;
@@ -406,9 +395,9 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
     const T* dp = down + (size_t)(r0 + g) * K + 8 * tq;
     const bool amax = pass == 0;
     switch (ntiles) {  // a loop per tile count: its loads are unconditional and batch up
-      case 0: stats_slices<T, 0>(xr, inv_smooth, dp, kb0, kend, K, tq, amax, am, acc); break;
-      case 2: stats_slices<T, 2>(xr, inv_smooth, dp, kb0, kend, K, tq, amax, am, acc); break;
-      default: stats_slices<T, 4>(xr, inv_smooth, dp, kb0, kend, K, tq, amax, am, acc); break;
+      case 0: branch_loop<T, 0, STATS_MT, true, 4>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc[0]); break;
+      case 2: branch_loop<T, 2, STATS_MT, true, 4>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc[0]); break;
+      default: branch_loop<T, 4, STATS_MT, true, 4>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc[0]); break;
     }
     if (ntiles) {
       // C layout: acc[mt][n][0,1] = (token 16mt + g, ranks 8n + 2tq, +1), [2,3] = token + 8
