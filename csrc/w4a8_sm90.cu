@@ -84,6 +84,8 @@ constexpr int H_ACT_R = 64, H_ACT_BYTES = H_BT * H_ACT_R * 2;
 constexpr int H_BARS = H_ACT + H_ACT_BYTES;
 constexpr int H_SXQ = H_BARS + 128;          // sx and sumq of the tile's tokens, [2 tiles][BT] each
 constexpr int H_SMEM = H_SXQ + 2 * 2 * H_BT * 4 + 1024;             // + alignment
+// int32 sums of one k-range of a split tile (split_plan): 128 per thread, [i][thread]
+constexpr int H_PART = H_BT / 8 * 4 * H_THREADS;
 static_assert(H_SMEM <= 227 * 1024, "one CTA per SM, within the opt-in shared memory");
 static_assert(H_TX <= H_STAGE && (H_BT / 2) * out_stride<H_BN>() * 2 <= H_STAGE,
               "a stage holds a k-tile's copies, and half an output tile");
@@ -336,7 +338,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       // to arrive adds the others' (integer addition: the same bits whatever the order) and
       // runs the epilogue. The usual last-block pattern: stores, fence, barrier, counter.
       const int unit = (int)blockIdx.x + j * (int)gridDim.x, first = unit - unit % splits;
-      int* mine = part + (size_t)unit * (NT * 4 * H_THREADS) + tid;
+      int* mine = part + (size_t)unit * H_PART + tid;
 #pragma unroll
       for (int i = 0; i < NT; ++i)
 #pragma unroll
@@ -353,7 +355,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       __threadfence();
       for (int o = first; o < first + splits; ++o) {
         if (o == unit) continue;
-        const int* other = part + (size_t)o * (NT * 4 * H_THREADS) + tid;
+        const int* other = part + (size_t)o * H_PART + tid;
 #pragma unroll
         for (int i = 0; i < NT; ++i)
 #pragma unroll
@@ -529,7 +531,7 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
       full, 1, nullptr, nullptr);
   if (splits > 1) {
     const int rest = tiles - full, units = rest * splits;
-    int* arrived = work + (size_t)units * (H_BT / 8) * 4 * H_THREADS;
+    int* arrived = work + (size_t)units * H_PART;
     e = cudaMemsetAsync(arrived, 0, rest * sizeof(int), stream);
     if (e != cudaSuccess) return (int)e;
     gemm_sm90_kernel<T><<<units, H_THREADS, H_SMEM, stream>>>(
@@ -550,7 +552,7 @@ long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K) {
   const int splits = split_plan(M, N, K, sm_count(), full);
   if (splits == 1) return 0;
   const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT), rest = tiles - full;
-  return (long long)rest * splits * (H_BT / 8) * 4 * H_THREADS + rest;
+  return (long long)rest * splits * H_PART + rest;
 #endif
 }
 
