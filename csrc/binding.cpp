@@ -66,14 +66,16 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
               "svdq act_quant: tensor shapes do not match x [", M, ", ", K, "] and rank ", R);
   TORCH_CHECK(M < (1LL << 31), "svdq: too many tokens");
   const c10::cuda::CUDAGuard guard(x.device());
-  // the split kernels' fp32 partials; the caching allocator keeps it stream-ordered
-  const auto work = torch::empty({svdq_w4a8_act_workspace((int)M, (int)K, (int)R, (int)variant)},
-                                 x.options().dtype(at::kFloat));
+  // the split kernels' fp32 partials (variant 2 only); the caching allocator keeps it
+  // stream-ordered
+  const long long words = svdq_w4a8_act_workspace((int)M, (int)K, (int)R, (int)variant);
+  const auto work =
+      words ? torch::empty({words}, x.options().dtype(at::kFloat)) : torch::Tensor();
   check_rc(svdq_w4a8_act(x.data_ptr(), dt == at::kHalf, (int)M, (int)K,
                          inv_smooth.data_ptr<float>(), R ? down.data_ptr() : nullptr,
                          rank_scale.data_ptr<float>(), (int)R, codes.data_ptr<int8_t>(),
                          sx.data_ptr<float>(), sumq.data_ptr<int>(), act.data_ptr(),
-                         work.data_ptr<float>(), (int)variant,
+                         words ? work.data_ptr<float>() : nullptr, (int)variant,
                          c10::cuda::getCurrentCUDAStream().stream()),
            "w4a8 activation kernel");
 }
@@ -120,14 +122,16 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
               "== 0 (its TMA copies need 16-byte strides), got N=", N, "; use variant 1");
   const c10::cuda::CUDAGuard guard(codes.device());
   // the wgmma kernel's k-split last wave: int32 partial sums and arrival counters
-  const auto work = torch::empty(
-      {variant == 2 ? svdq_w4a8_gemm_sm90_workspace((int)M, (int)N, (int)K) : 0},
-      codes.options().dtype(at::kInt));
+  const long long words =
+      variant == 2 ? svdq_w4a8_gemm_sm90_workspace((int)M, (int)N, (int)K) : 0;
+  const auto work =
+      words ? torch::empty({words}, codes.options().dtype(at::kInt)) : torch::Tensor();
   check_rc(svdq_w4a8_gemm(codes.data_ptr<int8_t>(), sx.data_ptr<float>(), sumq.data_ptr<int>(),
                           qweight.data_ptr<uint8_t>(), multT.data_ptr<int8_t>(),
                           row_scale.data_ptr<float>(), act.data_ptr(), up.data_ptr(), (int)R, bptr,
                           y.data_ptr(), (int)M, (int)N, (int)K, dt == at::kHalf, (int)variant,
-                          work.data_ptr<int>(), c10::cuda::getCurrentCUDAStream().stream()),
+                          words ? work.data_ptr<int>() : nullptr,
+                          c10::cuda::getCurrentCUDAStream().stream()),
            "w4a8 GEMM kernel");
 }
 
