@@ -85,7 +85,7 @@ constexpr int H_BARS = H_ACT + H_ACT_BYTES;
 constexpr int H_SXQ = H_BARS + 128;          // sx and sumq of the tile's tokens, [2 tiles][BT] each
 constexpr int H_SMEM = H_SXQ + 2 * 2 * H_BT * 4 + 1024;             // + alignment
 // int32 sums of one k-range of a split tile (split_plan): 128 per thread, [i][thread]
-constexpr int H_PART = H_BT / 8 * 4 * H_THREADS;
+[[maybe_unused]] constexpr int H_PART = H_BT / 8 * 4 * H_THREADS;  // unused without sm_90a
 static_assert(H_SMEM <= 227 * 1024, "one CTA per SM, within the opt-in shared memory");
 static_assert(H_TX <= H_STAGE && (H_BT / 2) * out_stride<H_BN>() * 2 <= H_STAGE,
               "a stage holds a k-tile's copies, and half an output tile");
