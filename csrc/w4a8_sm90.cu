@@ -41,11 +41,14 @@
 // tokens, 34 KB) at a time.
 //
 // Last wave: when the tiles leave the last wave at most half full (432 tiles on 132 SMs: three
-// full waves and 36 tiles), a second launch takes those tiles split into k-ranges, one range per
-// CTA, each storing its exact int32 sums; the last range of a tile to finish adds the others'
-// and runs the epilogue (split_plan; integer sums, so the bits do not depend on the order).
-// Measured 1.12x / 1.16x for mlp_fc2 / single_out at 4608 tokens (run 55); ranges shorter than
-// 16 k-tiles lost to the second launch and the partial sums' round trip (0.96x, K = 3072, run 54).
+// full waves and 36 tiles), those tiles are split into k-ranges and each of the first CTAs takes
+// one range as its last unit, in the same k-tile stream (no second launch); each range stores its
+// exact int32 sums, and the last range of a tile to finish adds the others' and runs the
+// epilogue (split_plan; integer sums, so the bits do not depend on the order). Measured against
+// the unsplit plan, 5 interleaved rounds (run 58): mlp_fc2 1.14-1.18x, single_out 1.15-1.18x at
+// 4608 tokens (a second launch for the ranges, run 55: 1.12x / 1.16x). Ranges of 8 k-tiles do
+// not pay (proj 0.99x, mlp_fc1 0.99x; K = 3072's tiles are short, and a lone last wave runs
+// faster than a full one).
 //
 // Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
 // landed (mbarrier transaction count). A warp that has finished the wgmmas reading a stage adds
@@ -198,7 +201,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
                  const __grid_constant__ CUtensorMap tm_act, const float* __restrict__ sx,
                  const int* __restrict__ sumq, const float* __restrict__ row_scale,
                  const T* __restrict__ up, int R, const T* __restrict__ bias, T* __restrict__ y,
-                 int M, int N, int K, int tile0, int n_units, int splits, int* __restrict__ part,
+                 int M, int N, int K, int full_tiles, int splits, int* __restrict__ part,
                  int* __restrict__ arrived) {
 #ifdef SVDQ_SM90A_DEVICE
   constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN, WARPS = H_THREADS / 32;
@@ -209,16 +212,18 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   // per stage: how many warps have finished reading it, summed over all its k-tiles
   uint32_t* released = reinterpret_cast<uint32_t*>(act_full + 1);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
-  // work units: output tiles tile0, tile0 + 1, ... (channel tiles fastest), each split into
-  // `splits` equal k-ranges of KT k-tiles (splits > 1 only for a short last wave, one unit per
-  // CTA: see launch_sm90)
-  const int KT = (K + H_BK - 1) / H_BK / splits;
-  const int n_tiles_n = (N + BN - 1) / BN;
-  // this CTA's units: blockIdx.x, + gridDim.x, ...; the k-tiles of all of them form one
-  // stream, u = (local unit) * KT + kt, so the copies run ahead across units
-  const int my_tiles = (n_units - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+  // Work units. Whole output tiles blockIdx.x, + gridDim.x, ... below full_tiles (channel tiles
+  // fastest), KT k-tiles each; then, when splits > 1, the tiles past full_tiles (a short last
+  // wave, split_plan) as `splits` k-ranges of KTR k-tiles, range unit r on CTA r: one more
+  // unit, the last, for CTAs below (tiles - full_tiles) * splits. The k-tiles of all of a
+  // CTA's units form one stream (u), so the copies run ahead across units, into the range too.
+  const int KT = (K + H_BK - 1) / H_BK, KTR = KT / splits;
+  const int n_tiles_n = (N + BN - 1) / BN, n_tiles = n_tiles_n * ((M + BT - 1) / BT);
+  const int n_whole = (full_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+  const bool has_range = splits > 1 && (int)blockIdx.x < (n_tiles - full_tiles) * splits;
+  const int my_tiles = n_whole + has_range;
   if (my_tiles <= 0) return;  // the launcher never makes more CTAs than tiles; cheap to be sure
-  const int n_iter = my_tiles * KT;
+  const int n_iter = n_whole * KT + (has_range ? KTR : 0);
   uint8_t* slab = smem + H_ACT;
   // the epilogue's per-token sx and sumq, copied (cp.async) when the tile starts, so that the
   // epilogue reads shared memory: from global memory they waited ~4% of the GEMM (ncu, run 45)
@@ -226,12 +231,18 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   int* ssq = reinterpret_cast<int*>(ssx + 2 * BT);
   static_assert(H_THREADS == H_BT, "one token per thread for the sx/sumq copies");
 
-  // unit j of this CTA: output tile (n0, tk0), its k-tiles kb .. kb + KT - 1
-  auto tile_of = [&](int j, int& n0, int& tk0, int& kb) {
-    const int unit = (int)blockIdx.x + j * (int)gridDim.x, t = tile0 + unit / splits;
+  // unit j of this CTA: output tile (n0, tk0), its k-tiles kb .. kb + kn - 1
+  auto tile_of = [&](int j, int& n0, int& tk0, int& kb, int& kn) {
+    int t = (int)blockIdx.x + j * (int)gridDim.x;
+    kb = 0;
+    kn = KT;
+    if (j >= n_whole) {  // the k-range: unit blockIdx.x of the split tiles
+      t = full_tiles + (int)blockIdx.x / splits;
+      kb = ((int)blockIdx.x % splits) * KTR;
+      kn = KTR;
+    }
     n0 = (t % n_tiles_n) * BN;
     tk0 = (t / n_tiles_n) * BT;
-    kb = (unit % splits) * KT;
   };
   // k-tile kt of the output tile (n0, tk0) into stage s
   auto issue_at = [&](int s, int kt, int n0, int tk0) {
@@ -242,9 +253,10 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     tma_2d(st + H_MULT, &tm_mult, n0, kt * 2, &full[s]);
   };
   auto issue = [&](int u) {  // stream position u: two divisions, so not in the steady state
-    int n0, tk0, kb;
-    tile_of(u / KT, n0, tk0, kb);
-    issue_at(u % S, kb + u % KT, n0, tk0);
+    const int j = u < n_whole * KT ? u / KT : n_whole;
+    int n0, tk0, kb, kn;
+    tile_of(j, n0, tk0, kb, kn);
+    issue_at(u % S, kb + u - (j < n_whole ? j * KT : n_whole * KT), n0, tk0);
   };
   auto issue_slab = [&](int tk0, int r0) {
     mbar_expect_tx(act_full, H_ACT_BYTES);
@@ -260,8 +272,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     for (int u = 0; u < S && u < n_iter; ++u) issue(u);
     if (R > 0) {  // the first tile's first slab, needed only after its main loop
-      int n0, tk0, kb;
-      tile_of(0, n0, tk0, kb);
+      int n0, tk0, kb, kn;
+      tile_of(0, n0, tk0, kb, kn);
       issue_slab(tk0, 0);
     }
   }
@@ -274,9 +286,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   int u = 0;            // position in the k-tile stream
 
   for (int j = 0; j < my_tiles; ++j) {
-    int n0, tk0, kb, n0_next, tk0_next, kb_next;  // this unit and the next, for the refills
-    tile_of(j, n0, tk0, kb);
-    tile_of(j + 1, n0_next, tk0_next, kb_next);
+    int n0, tk0, kb, kn, n0_next, tk0_next, kb_next, kn_next;  // this unit and the next
+    tile_of(j, n0, tk0, kb, kn);
+    tile_of(j + 1, n0_next, tk0_next, kb_next, kn_next);
     // two buffers: a warp here has passed the previous tile's post-loop barrier, so every warp
     // is done with the epilogue of tile j - 2, which used this buffer
     const int pb = (j & 1) * BT;
@@ -290,7 +302,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
 #pragma unroll
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
 
-    for (int kt = 0; kt < KT; ++kt, ++u) {
+    for (int kt = 0; kt < kn; ++kt, ++u) {
       const int s = u % S, parity = (u / S) & 1;
       mbar_wait(&full[s], parity);
       __syncwarp();
@@ -317,12 +329,12 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       // divisions cost the GEMM ~15%, run 39).
       if (u > 0 && lane == 0 && done % WARPS == WARPS - 1 && u - 1 + S < n_iter) {
         const int kv = kt - 1 + S, sv = (u - 1) & (S - 1);  // == (u - 1 + S) % S
-        if (kv < KT)
+        if (kv < kn)
           issue_at(sv, kb + kv, n0, tk0);
-        else if (kv < 2 * KT)
-          issue_at(sv, kb_next + kv - KT, n0_next, tk0_next);
+        else if (kv < kn + kn_next)
+          issue_at(sv, kb_next + kv - kn, n0_next, tk0_next);
         else
-          issue(u - 1 + S);  // K < 3 k-tiles: the copy is two or more tiles ahead
+          issue(u - 1 + S);  // units under 3 k-tiles: the copy is two or more units ahead
       }
     }
     wgmma_wait<0>();
@@ -333,11 +345,12 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     // (128 tokens) at a time. The other stages are meanwhile filling with the next tile.
     __syncthreads();
     uint8_t* out_stage = smem + ((u - 1) % S) * H_STAGE;
-    if (splits > 1) {
-      // A split tile: every unit stores its exact int32 sums, and the last of the tile's units
-      // to arrive adds the others' (integer addition: the same bits whatever the order) and
-      // runs the epilogue. The usual last-block pattern: stores, fence, barrier, counter.
-      const int unit = (int)blockIdx.x + j * (int)gridDim.x, first = unit - unit % splits;
+    if (j >= n_whole) {
+      // A k-range of a split tile: every range stores its exact int32 sums, and the last of the
+      // tile's ranges to arrive adds the others' (integer addition: the same bits whatever the
+      // order) and runs the epilogue. The usual last-block pattern: stores, fence, barrier,
+      // counter. This is the CTA's last unit, so a range that is not last may leave.
+      const int unit = (int)blockIdx.x, first = unit - unit % splits;
       int* mine = part + (size_t)unit * H_PART + tid;
 #pragma unroll
       for (int i = 0; i < NT; ++i)
@@ -437,7 +450,8 @@ static int split_plan(int M, int N, int K, int sms, int& full_tiles) {
   if (sms <= 0 || tiles <= sms) return 1;
   const int rest = tiles % sms;
   if (rest == 0 || 2 * rest > sms) return 1;  // the last wave is at least half full
-  int splits = 1;  // ranges of at least 16 k-tiles: shorter ones lost to their fixed costs
+  // ranges of at least 16 k-tiles: ranges of 8 lost or broke even (proj, mlp_fc1: 0.99x, run 58)
+  int splits = 1;
   for (int s = 2; s * rest <= sms && KT / s >= 16; ++s)
     if (KT % s == 0) splits = s;
   if (splits > 1) full_tiles = tiles - rest;
@@ -520,24 +534,22 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
   if (e != cudaSuccess) return (int)e;
   // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles;
-  // a short last wave as a second launch of k-split tiles, one per CTA (split_plan)
+  // a short last wave's tiles split into k-ranges, one more unit for the first CTAs (split_plan)
   const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT), sms = sm_count();
   int full = 0;
   const int splits = split_plan(M, N, K, sms, full);
   int grid = sms;
   if (grid <= 0 || full < grid) grid = full;
-  gemm_sm90_kernel<T><<<grid, H_THREADS, H_SMEM, stream>>>(
-      tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K, 0,
-      full, 1, nullptr, nullptr);
+  int* arrived = nullptr;
   if (splits > 1) {
-    const int rest = tiles - full, units = rest * splits;
-    int* arrived = work + (size_t)units * H_PART;
+    const int rest = tiles - full;
+    arrived = work + (size_t)rest * splits * H_PART;
     e = cudaMemsetAsync(arrived, 0, rest * sizeof(int), stream);
     if (e != cudaSuccess) return (int)e;
-    gemm_sm90_kernel<T><<<units, H_THREADS, H_SMEM, stream>>>(
-        tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K,
-        full, units, splits, work, arrived);
   }
+  gemm_sm90_kernel<T><<<grid, H_THREADS, H_SMEM, stream>>>(
+      tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K, full,
+      splits, work, arrived);
   return (int)cudaGetLastError();
 }
 #endif  // SVDQ_SM90A
