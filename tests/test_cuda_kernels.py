@@ -283,6 +283,31 @@ def test_gemm_variant_unavailable_is_refused(gen):
     assert CudaBackend().gemm_variant_for(n) == 1   # the automatic choice falls back
 
 
+def test_binding_rejects_bad_input(gen):
+    """The extension's own checks (csrc/binding.cpp) raise ValueError naming the tensor and what
+    it must be, and the process survives: a TORCH_CHECK raised from a JIT-built extension crashed
+    the interpreter on the H200 host (bench/NOTES.md, runs 59-62)."""
+    from svdq import build
+    ext = build.load()
+    m, k, r = 5, 128, 16
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    inv = torch.rand(k, device="cuda") + 0.5
+    down = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
+    rs = torch.ones(r, device="cuda")
+    codes = torch.empty(m, k, dtype=torch.int8, device="cuda")
+    sx = torch.empty(m, device="cuda")
+    sq = torch.empty(m, dtype=torch.int32, device="cuda")
+    act = torch.empty(m, r, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="tensor shapes do not match"):
+        ext.act_quant(x, inv, down[:, :64].contiguous(), rs, codes, sx, sq, act, 0)
+    with pytest.raises(ValueError, match="inv_smooth must be a contiguous CUDA tensor.* on CPU"):
+        ext.act_quant(x, inv.cpu(), down, rs, codes, sx, sq, act, 0)
+    with pytest.raises(ValueError, match="variant 7 is not"):
+        ext.act_quant(x, inv, down, rs, codes, sx, sq, act, 7)
+    ext.act_quant(x, inv, down, rs, codes, sx, sq, act, 0)       # the good call still works
+    assert not torch.isnan(act.float()).any()
+
+
 def test_lora_segments_odd_rank(gen):
     """A LoRA of rank 5 appended to a rank-32 branch (37: padded to 48), strength changed."""
     cuda, ref = _backends()
