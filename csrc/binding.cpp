@@ -6,8 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
-#include <stdexcept>
-
 int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smooth, const void* down,
                   const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq, void* act,
                   float* work, int variant, cudaStream_t stream);
@@ -24,30 +22,19 @@ int svdq_dequant_w4(const uint8_t* qweight, const float* scales, void* w, int N,
 
 static constexpr int64_t MAX_K = 65536;  // int32 accumulator bound: K * 240 * 127 < 2^31
 
-// Bad input raises ValueError (std::invalid_argument, translated by pybind11), a failed launch
-// RuntimeError. Not TORCH_CHECK: its c10::Error records a native backtrace when constructed, and
-// on our H200 host that walk segfaulted for every TORCH_CHECK raised from a JIT-built extension
-// (this one, and a one-function test extension), while std exceptions arrived as Python errors
-// (bench/NOTES.md, runs 59-62).
-#define SVDQ_CHECK(cond, ...) \
-  do {                                                                                        \
-    if (!(cond)) throw std::invalid_argument(c10::str(__VA_ARGS__));                          \
-  } while (0)
-
 #define CHECK_T(t, dt, what)                                                                  \
-  SVDQ_CHECK((t).is_cuda() && (t).is_contiguous() && (t).scalar_type() == (dt),              \
+  TORCH_CHECK((t).is_cuda() && (t).is_contiguous() && (t).scalar_type() == (dt),              \
               "svdq: ", what, " must be a contiguous CUDA tensor of ", c10::toString(dt),    \
               ", got ", (t).scalar_type(), (t).is_contiguous() ? "" : " (non-contiguous)", \
               (t).is_cuda() ? "" : " on CPU")
 
 static void check_k(int64_t K) {
-  SVDQ_CHECK(K > 0 && K % 64 == 0 && K <= MAX_K, "svdq w4a8: in_features K=", K,
+  TORCH_CHECK(K > 0 && K % 64 == 0 && K <= MAX_K, "svdq w4a8: in_features K=", K,
               " must be a positive multiple of 64 and at most ", MAX_K);
 }
 
 static void check_rc(int rc, const char* what) {
-  if (rc != 0)
-    throw std::runtime_error(c10::str("svdq: ", what, " failed: ", cudaGetErrorString((cudaError_t)rc)));
+  TORCH_CHECK(rc == 0, "svdq: ", what, " failed: ", cudaGetErrorString((cudaError_t)rc));
 }
 
 // x [M,K] 16-bit; inv_smooth fp32 [K]; down [R,K] x.dtype; rank_scale fp32 [R]; R % 16 == 0.
@@ -56,16 +43,16 @@ static void check_rc(int rc, const char* what) {
 void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
                torch::Tensor rank_scale, torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq,
                torch::Tensor act, int64_t variant) {
-  SVDQ_CHECK(x.dim() == 2, "svdq act_quant: x must be 2-D [M, K]");
-  SVDQ_CHECK(variant >= 0 && variant <= 2, "svdq act_quant: variant ", variant, " is not 0 "
+  TORCH_CHECK(x.dim() == 2, "svdq act_quant: x must be 2-D [M, K]");
+  TORCH_CHECK(variant >= 0 && variant <= 2, "svdq act_quant: variant ", variant, " is not 0 "
               "(16-token blocks), 1 (8-token blocks) or 2 (split over k-chunks)");
   const auto dt = x.scalar_type();
-  SVDQ_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: x must be bfloat16 or float16, got ",
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: x must be bfloat16 or float16, got ",
               dt);
   CHECK_T(x, dt, "x");
   const int64_t M = x.size(0), K = x.size(1), R = down.size(0);
   check_k(K);
-  SVDQ_CHECK(R % 16 == 0, "svdq act_quant: rank ", R, " must be padded to a multiple of 16");
+  TORCH_CHECK(R % 16 == 0, "svdq act_quant: rank ", R, " must be padded to a multiple of 16");
   CHECK_T(inv_smooth, at::kFloat, "inv_smooth");
   CHECK_T(down, dt, "lowrank_down (in x's dtype)");
   CHECK_T(rank_scale, at::kFloat, "rank_scale");
@@ -73,11 +60,11 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
   CHECK_T(sx, at::kFloat, "sx");
   CHECK_T(sumq, at::kInt, "sumq");
   CHECK_T(act, dt, "act");
-  SVDQ_CHECK(inv_smooth.numel() == K && (R == 0 || down.size(1) == K) && rank_scale.numel() == R &&
+  TORCH_CHECK(inv_smooth.numel() == K && (R == 0 || down.size(1) == K) && rank_scale.numel() == R &&
                   codes.size(0) == M && codes.size(1) == K && sx.numel() == M &&
                   sumq.numel() == M && act.numel() == M * R,
               "svdq act_quant: tensor shapes do not match x [", M, ", ", K, "] and rank ", R);
-  SVDQ_CHECK(M < (1LL << 31), "svdq: too many tokens");
+  TORCH_CHECK(M < (1LL << 31), "svdq: too many tokens");
   const c10::cuda::CUDAGuard guard(x.device());
   // the split kernels' fp32 partials (variant 2 only); the caching allocator keeps it
   // stream-ordered
@@ -98,14 +85,14 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
 void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tensor qweight,
           torch::Tensor multT, torch::Tensor row_scale, torch::Tensor act, torch::Tensor up,
           const c10::optional<torch::Tensor>& bias, torch::Tensor y, int64_t variant) {
-  SVDQ_CHECK(variant == 1 || variant == 2, "svdq gemm: variant ", variant, " is not 1 (mma.sync) "
+  TORCH_CHECK(variant == 1 || variant == 2, "svdq gemm: variant ", variant, " is not 1 (mma.sync) "
               "or 2 (wgmma)");
 #ifndef SVDQ_SM90A
-  SVDQ_CHECK(variant == 1, "svdq gemm: variant ", variant, " (wgmma) needs a Hopper GPU and an "
+  TORCH_CHECK(variant == 1, "svdq gemm: variant ", variant, " (wgmma) needs a Hopper GPU and an "
               "extension built for sm_90a");
 #endif
   const auto dt = y.scalar_type();
-  SVDQ_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: output must be bfloat16 or float16");
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq: output must be bfloat16 or float16");
   CHECK_T(codes, at::kChar, "codes");
   CHECK_T(sx, at::kFloat, "sx");
   CHECK_T(sumq, at::kInt, "sumq");
@@ -117,10 +104,10 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
   CHECK_T(y, dt, "y");
   const int64_t M = codes.size(0), K = codes.size(1), N = qweight.size(0), R = up.size(1);
   check_k(K);
-  SVDQ_CHECK(N > 0 && N % 8 == 0, "svdq w4a8: out_features N=", N,
+  TORCH_CHECK(N > 0 && N % 8 == 0, "svdq w4a8: out_features N=", N,
               " must be a positive multiple of 8");
-  SVDQ_CHECK(R % 16 == 0, "svdq gemm: rank ", R, " must be padded to a multiple of 16");
-  SVDQ_CHECK(qweight.size(1) * 2 == K && multT.size(0) == K / 64 && multT.size(1) == N &&
+  TORCH_CHECK(R % 16 == 0, "svdq gemm: rank ", R, " must be padded to a multiple of 16");
+  TORCH_CHECK(qweight.size(1) * 2 == K && multT.size(0) == K / 64 && multT.size(1) == N &&
                   row_scale.numel() == N && sx.numel() == M && sumq.numel() == M &&
                   act.numel() == M * R && up.size(0) == N && y.size(0) == M && y.size(1) == N,
               "svdq gemm: tensor shapes do not match codes [", M, ", ", K, "], qweight [", N,
@@ -128,10 +115,10 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
   const void* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     CHECK_T(*bias, dt, "bias");
-    SVDQ_CHECK(bias->numel() == N, "svdq gemm: bias must have N=", N, " elements");
+    TORCH_CHECK(bias->numel() == N, "svdq gemm: bias must have N=", N, " elements");
     bptr = bias->data_ptr();
   }
-  SVDQ_CHECK(variant == 1 || N % 16 == 0, "svdq gemm: variant 2 (wgmma) needs out_features N % 16 "
+  TORCH_CHECK(variant == 1 || N % 16 == 0, "svdq gemm: variant 2 (wgmma) needs out_features N % 16 "
               "== 0 (its TMA copies need 16-byte strides), got N=", N, "; use variant 1");
   const c10::cuda::CUDAGuard guard(codes.device());
   // the wgmma kernel's k-split last wave: int32 partial sums and arrival counters
@@ -152,19 +139,19 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
 // layout, scales fp32 [N, K/64].
 void dequant_w4(torch::Tensor qweight, torch::Tensor scales, torch::Tensor w) {
   const auto dt = w.scalar_type();
-  SVDQ_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq dequant_w4: w must be bfloat16 or "
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "svdq dequant_w4: w must be bfloat16 or "
               "float16, got ", dt);
   CHECK_T(qweight, at::kByte, "qweight");
   CHECK_T(scales, at::kFloat, "scales");
   CHECK_T(w, dt, "w");
-  SVDQ_CHECK(w.dim() == 2 && qweight.dim() == 2, "svdq dequant_w4: 2-D tensors expected");
+  TORCH_CHECK(w.dim() == 2 && qweight.dim() == 2, "svdq dequant_w4: 2-D tensors expected");
   const int64_t N = w.size(0), K = w.size(1);
-  SVDQ_CHECK(K > 0 && K % 64 == 0, "svdq dequant_w4: in_features K=", K,
+  TORCH_CHECK(K > 0 && K % 64 == 0, "svdq dequant_w4: in_features K=", K,
               " must be a positive multiple of 64");
-  SVDQ_CHECK(qweight.size(0) == N && qweight.size(1) * 2 == K && scales.numel() == N * (K / 64),
+  TORCH_CHECK(qweight.size(0) == N && qweight.size(1) * 2 == K && scales.numel() == N * (K / 64),
               "svdq dequant_w4: qweight [", qweight.size(0), ", ", qweight.size(1),
               "] and scales do not match w [", N, ", ", K, "]");
-  SVDQ_CHECK(N * K < (1LL << 40), "svdq dequant_w4: weight too large");
+  TORCH_CHECK(N * K < (1LL << 40), "svdq dequant_w4: weight too large");
   const c10::cuda::CUDAGuard guard(w.device());
   check_rc(svdq_dequant_w4(qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), w.data_ptr(),
                            (int)N, (int)K, dt == at::kHalf,
