@@ -253,10 +253,10 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     tma_2d(st + H_MULT, &tm_mult, n0, kt * 2, &full[s]);
   };
   auto issue = [&](int u) {  // stream position u: two divisions, so not in the steady state
-    const int j = u < n_whole * KT ? u / KT : n_whole;
+    const int j = u < n_whole * KT ? u / KT : n_whole;  // the range starts at n_whole * KT
     int n0, tk0, kb, kn;
     tile_of(j, n0, tk0, kb, kn);
-    issue_at(u % S, kb + u - (j < n_whole ? j * KT : n_whole * KT), n0, tk0);
+    issue_at(u % S, kb + u - j * KT, n0, tk0);
   };
   auto issue_slab = [&](int tk0, int r0) {
     mbar_expect_tx(act_full, H_ACT_BYTES);
