@@ -4,13 +4,14 @@
 
 The build runs through torch.utils.cpp_extension.load with ninja, for the current GPU's
 architecture only. The result lives in $SVDQ_CACHE_DIR (default ~/.cache/svdquant) under a key
-made of the sources' hash, the arch, the torch version and the CUDA version, so that any change
-of these builds afresh and nothing stale is ever loaded. A file lock keeps two processes (two
+made of the sources' hash (with the link flags), the arch, the torch version and the CUDA
+version, so that any change of these builds afresh and nothing stale is ever loaded. A file lock keeps two processes (two
 ComfyUI instances, say) from building at once; the second waits and then loads the first one's
 result. A finished build is imported directly, without invoking ninja again.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.machinery
@@ -18,6 +19,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,27 @@ def _torch_cuda() -> str | None:
     return torch.version.cuda
 
 
+@functools.lru_cache(maxsize=None)
+def _link_flags() -> tuple[str, ...]:
+    """Extra linker flags that keep the process down to one libstdc++.
+
+    A toolchain without the development library libstdc++.so (a runtime-only image, like our
+    H200 host's: `c++ -print-file-name=libstdc++.so` answers the bare name) silently links the
+    static libstdc++.a into the extension. That second copy never runs its stream initializer
+    (GCC 13 moved it into the library), so formatting a number - every error message that names
+    a shape - segfaulted the interpreter (bench/NOTES.md, run 64). Naming the runtime library
+    links the one libtorch already uses."""
+    if not sys.platform.startswith("linux"):
+        return ()
+    from torch.utils import cpp_extension
+    try:
+        found = subprocess.run([cpp_extension.get_cxx_compiler(), "-print-file-name=libstdc++.so"],
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ()  # no compiler: the build will say so
+    return () if os.path.isabs(found) else ("-l:libstdc++.so.6",)
+
+
 def build_key(device=None) -> tuple[str, str]:
     """(key, arch) for the current GPU: source hash + arch + torch + CUDA versions."""
     import torch
@@ -100,6 +123,7 @@ def build_key(device=None) -> tuple[str, str]:
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
+    h.update(" ".join(_link_flags()).encode())
     tv = torch.__version__.replace("+", "_")
     key = f"{h.hexdigest()[:16]}-sm{arch}-torch{tv}-cu{torch.version.cuda}"
     return key, arch
@@ -168,7 +192,7 @@ def _load(verbose: bool):
             mod = cpp_extension.load(
                 name=name, sources=[str(CSRC / s) for s in SOURCES], build_directory=str(bdir),
                 extra_cflags=["-O3"] + defs, extra_cuda_cflags=["-O3", "-lineinfo"] + defs,
-                verbose=verbose)
+                extra_ldflags=list(_link_flags()), verbose=verbose)
         finally:
             if old is None:
                 os.environ.pop("TORCH_CUDA_ARCH_LIST", None)

@@ -311,9 +311,10 @@ print("good call ok", bool(torch.isfinite(act.float()).all()))
 
 def test_binding_rejects_bad_input():
     """The extension's own checks (csrc/binding.cpp) refuse bad input with an error that names the
-    tensor, and the process survives it. Run in a child process: on the H200 host any exception
-    raised through a binding function that takes tensors killed the interpreter (segfault; runs
-    59-63, bench/NOTES.md), and that must fail this test, not end the test session."""
+    tensor and its shape, and the process survives it. In a child process, because a toolchain
+    that linked a second, static libstdc++ into the extension made every message with a number in
+    it segfault the interpreter (runs 59-64, bench/NOTES.md; svdq/build.py _link_flags): that
+    must fail this test, not end the test session."""
     import os
     import subprocess
     import sys
