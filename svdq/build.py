@@ -32,6 +32,7 @@ SOURCES = ("w4a8.cu", "w4a8_sm90.cu", "dequant_w4.cu", "binding.cpp")
 HEADERS = ("common.cuh", "sm90.cuh")   # hashed with the sources: a header change must rebuild
 _module = None
 _error: str | None = None
+_pip_cudart: Path | None = None   # libcudart.so.N of the pip runtime, when building with pip's nvcc
 
 
 class BuildError(RuntimeError):
@@ -43,8 +44,8 @@ def cache_root() -> Path:
 
 
 def _pip_nvcc_home() -> str | None:
-    """CUDA_HOME-like folder of the pip package nvidia-cuda-nvcc: nvidia/cuda_nvcc/bin/nvcc
-    (CUDA 12 wheels) or nvidia/cu13/bin/nvcc (CUDA 13 wheels)."""
+    """CUDA_HOME-like folder of a pip-installed nvcc: nvidia/cu13/bin/nvcc (CUDA 13 wheels; the
+    CUDA 12 wheel nvidia/cuda_nvcc has ptxas only, but a local build of it may have nvcc)."""
     try:
         import nvidia  # namespace package shared by NVIDIA's pip wheels
     except ImportError:
@@ -71,17 +72,40 @@ def _find_cuda_home() -> str:
             return home
     pip_home = _pip_nvcc_home()
     if pip_home:
-        # headers of the runtime come from the other nvidia-* wheels torch already depends on
-        incs = [p for p in glob.glob(str(Path(pip_home).parent / "*" / "include"))]
-        os.environ["CUDA_HOME"] = pip_home
-        os.environ["CPATH"] = os.pathsep.join(incs + [os.environ.get("CPATH", "")]).strip(os.pathsep)
-        cpp_extension.CUDA_HOME = pip_home
+        _use_pip_nvcc(pip_home)
         log.info("SVDQuant: using nvcc from the pip package nvidia-cuda-nvcc (%s)", pip_home)
         return pip_home
     raise BuildError(
         "no CUDA compiler (nvcc) found. Install the CUDA toolkit matching torch "
-        f"(CUDA {_torch_cuda()}) and set CUDA_HOME, or `pip install nvidia-cuda-nvcc-cu"
-        f"{(_torch_cuda() or '12').split('.')[0]}`")
+        f"(CUDA {_torch_cuda()}) and set CUDA_HOME{_pip_nvcc_hint()}")
+
+
+def _use_pip_nvcc(pip_home: str) -> None:
+    """Point torch's builder at the pip toolchain. Headers and libcudart come from the
+    nvidia-* wheels torch already depends on; the wheels ship only the versioned
+    libcudart.so.N, which _compile gives the linker under the name torch asks for (-lcudart)."""
+    global _pip_cudart
+    import nvidia
+    from torch.utils import cpp_extension
+    bases = list(nvidia.__path__)
+    incs = [i for b in bases for i in sorted(glob.glob(str(Path(b, "*", "include"))))]
+    libs = [c for b in bases for c in sorted(glob.glob(str(Path(b, "*", "lib", "libcudart.so.*"))))]
+    os.environ["CUDA_HOME"] = pip_home
+    os.environ["CPATH"] = os.pathsep.join(incs + [os.environ.get("CPATH", "")]).strip(os.pathsep)
+    cpp_extension.CUDA_HOME = pip_home
+    _pip_cudart = Path(libs[0]) if libs else None
+
+
+def _pip_nvcc_hint() -> str:
+    """How to get a compiler with pip. From CUDA 13 the compiler, its front end (nvvm), the crt
+    headers and CCCL are separate wheels; CUDA 12's nvidia-cuda-nvcc-cu12 holds ptxas but no
+    nvcc, so there the toolkit is the only way."""
+    cuda = _torch_cuda() or "12"
+    if int(cuda.split(".")[0]) < 13:
+        return " (for CUDA 12 no pip package carries nvcc)"
+    pkgs = " ".join(f'"{p}=={cuda}.*"' for p in
+                    ("nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-cccl"))
+    return f"; or `pip install {pkgs}`"
 
 
 def _torch_cuda() -> str | None:
@@ -184,24 +208,37 @@ def _load(verbose: bool):
             raise BuildError("ninja is required to build the CUDA extension: `pip install ninja`") from e
         log.warning("SVDQuant: building the CUDA extension for sm_%s in %s (first use only; "
                     "about a minute)", arch, bdir)
-        old = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        num = arch.rstrip("a")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{num[:-1]}.{num[-1]}" + arch[len(num):]  # this GPU
-        defs = ["-DSVDQ_SM90A"] if arch == "90a" else []
-        try:
-            mod = cpp_extension.load(
-                name=name, sources=[str(CSRC / s) for s in SOURCES], build_directory=str(bdir),
-                extra_cflags=["-O3"] + defs, extra_cuda_cflags=["-O3", "-lineinfo"] + defs,
-                extra_ldflags=list(_link_flags()), verbose=verbose)
-        finally:
-            if old is None:
-                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-            else:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = old
+        mod = _compile(bdir, name, arch, verbose)
         dt = time.perf_counter() - t0
         log.warning("SVDQuant: built the CUDA extension in %.1f s", dt)
         (bdir / "build_seconds.txt").write_text(f"{dt:.1f}\n")
         return mod
+
+
+def _compile(bdir: Path, name: str, arch: str, verbose: bool):
+    """cpp_extension.load of csrc/ for one architecture into bdir (ninja, no cache logic)."""
+    from torch.utils import cpp_extension
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    num = arch.rstrip("a")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{num[:-1]}.{num[-1]}" + arch[len(num):]  # this GPU
+    defs = ["-DSVDQ_SM90A"] if arch == "90a" else []
+    ldflags = list(_link_flags())
+    if _pip_cudart is not None:
+        link_dir = Path(bdir) / "pip-cudart"
+        link_dir.mkdir(exist_ok=True)
+        if not (link_dir / "libcudart.so").exists():
+            (link_dir / "libcudart.so").symlink_to(_pip_cudart)
+        ldflags.append(f"-L{link_dir}")   # -L applies to every -l, wherever it stands
+    try:
+        return cpp_extension.load(
+            name=name, sources=[str(CSRC / s) for s in SOURCES], build_directory=str(bdir),
+            extra_cflags=["-O3"] + defs, extra_cuda_cflags=["-O3", "-lineinfo"] + defs,
+            extra_ldflags=ldflags, verbose=verbose)
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """svdq.build's choice of linker flags (CPU only: no CUDA needed to decide or to link)."""
 import ctypes
+import os
 import shutil
 import stat
 import subprocess
@@ -54,3 +55,47 @@ def test_runtime_libstdcxx_flag_links_and_formats_numbers(tmp_path):
     v = 3072 + 64 * (tmp_path.stat().st_ino % 97)
     assert lib.fmt(ctypes.c_long(v), buf) == len(f"K={v}")
     assert buf.value.decode() == f"K={v}"
+
+
+def _fake_pip_cuda(tmp_path, monkeypatch):
+    """A site-packages `nvidia` namespace laid out like the CUDA 13 wheels: nvidia/cu13/{bin,
+    include, lib}, with only the versioned libcudart."""
+    import types
+    root = tmp_path / "nvidia"
+    for d in ("cu13/bin", "cu13/include", "cu13/lib", "cudnn/include"):
+        (root / d).mkdir(parents=True)
+    (root / "cu13/bin/nvcc").write_text("#!/bin/sh\n")
+    (root / "cu13/lib/libcudart.so.13").write_bytes(b"\x7fELF")
+    ns = types.ModuleType("nvidia")
+    ns.__path__ = [str(root)]
+    monkeypatch.setitem(sys.modules, "nvidia", ns)
+    return root
+
+
+@linux_only
+def test_pip_toolchain_is_found_and_wired(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+    root = _fake_pip_cuda(tmp_path, monkeypatch)
+    monkeypatch.setenv("CPATH", "/keep/this")
+    monkeypatch.delenv("CUDA_HOME", raising=False)        # restored after the test
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setattr(build, "_pip_cudart", None)
+    home = build._pip_nvcc_home()
+    assert home == str(root / "cu13")
+    build._use_pip_nvcc(home)
+    assert cpp_extension.CUDA_HOME == home and os.environ["CUDA_HOME"] == home
+    cpath = os.environ["CPATH"].split(os.pathsep)
+    assert cpath == [str(root / "cu13/include"), str(root / "cudnn/include"), "/keep/this"]
+    assert build._pip_cudart == root / "cu13/lib/libcudart.so.13"
+
+
+@pytest.mark.parametrize("cuda,expect", [
+    ("12.8", ["no pip package carries nvcc"]),          # nvidia-cuda-nvcc-cu12 has ptxas only
+    ("13.0", ['"nvidia-cuda-nvcc==13.0.*"', '"nvidia-nvvm==13.0.*"', '"nvidia-cuda-crt==13.0.*"',
+              '"nvidia-cuda-cccl==13.0.*"']),
+])
+def test_pip_hint_names_packages_that_exist_for_that_cuda(monkeypatch, cuda, expect):
+    monkeypatch.setattr(build, "_torch_cuda", lambda: cuda)
+    hint = build._pip_nvcc_hint()
+    assert all(p in hint for p in expect), hint
+    assert "-cu1" not in hint        # nvidia-cuda-nvcc-cu12 has ptxas only, -cu13 is empty
