@@ -68,7 +68,10 @@
 // sx/sumq copied to shared memory at its start: 1.09x more (1.76x bf16, runs 46-47). Not kept:
 // 2-CTA clusters sharing the codes tile by TMA multicast (1.35x slower: each stage then waits
 // for both CTAs' releases, run 29), a fifth stage (no change, run 32), the whole output tile
-// staged at once with its second half in the slab buffer (no gain, run 41).
+// staged at once with its second half in the slab buffer (no gain, run 41). The epilogue is the
+// fixed cost of every tile (~3.3 us at rank 0 against 14.4 us of main loop per 3072 of K, run
+// 68) and nothing overlaps it; staging by stmatrix and loading up before the drain took
+// 0.3-5% off the GEMM (run 70, bits unchanged).
 
 #include "sm90.cuh"
 
@@ -191,6 +194,53 @@ __device__ __forceinline__ void tma_3d(void* dst, const CUtensorMap* map, int c0
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
       ::"r"(smem_u32(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)) : "memory");
+}
+
+// Two n8 token tiles (tokens t .. t + 15 of the staging tile) x this warp's 16 channels (ch ..
+// ch + 15), plus the bias, rounded once to T (stage_n8's numbers) and written transposed into
+// so[token][channel] by one stmatrix.x4.trans instead of 16 two-byte stores per lane. The C
+// layout is stmatrix's fragment layout (lane holds row g, columns 2tq and 2tq + 1; here rows are
+// channels, columns tokens), and .trans stores each 8x8 matrix column-wise: matrix m (tile
+// m / 2, channels 8 * (m % 2) ..) lands as 8 token rows of 16 bytes, addressed by lanes
+// 8m .. 8m + 7. The row stride (BN + 8) * 2 bytes keeps those 8 rows in distinct bank groups.
+template <typename T, int BN>
+__device__ __forceinline__ void stage_n16(const float (&f0)[4], const float (&f1)[4],
+                                          const float (&bv)[2], bool has_bias, T* so, int t, int ch,
+                                          int lane) {
+  const float* f[2] = {f0, f1};
+  uint32_t r[4];
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const int hh = m % 2;
+    float v0 = f[m / 2][2 * hh], v1 = f[m / 2][2 * hh + 1];
+    if (has_bias) {
+      v0 = __fadd_rn(v0, bv[hh]);
+      v1 = __fadd_rn(v1, bv[hh]);
+    }
+    r[m] = F16<T>::pack2(v0, v1);
+  }
+  const int m = lane / 8;
+  const T* p = so + (t + 8 * (m / 2) + lane % 8) * out_stride<BN>() + ch + 8 * (m % 2);
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               ::"r"(smem_u32(p)), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
+
+// The A fragments of up's ranks r0 .. r0 + 63 (at most R) for this lane's channels n_lo, n_hi:
+// the m16n8k16 A layout per warp, k16 step s16 in ua[s16].
+template <typename T>
+__device__ __forceinline__ void load_up(uint32_t (&ua)[H_ACT_R / 16][4], const T* __restrict__ up,
+                                        int n_lo, int n_hi, int R, int r0, int tq) {
+  const int steps = min(H_ACT_R, R - r0) / 16;
+#pragma unroll
+  for (int s16 = 0; s16 < H_ACT_R / 16; ++s16)
+    if (s16 < steps) {
+      const T* pa = up + (size_t)n_lo * R + r0 + 16 * s16 + 2 * tq;
+      const T* pb = up + (size_t)n_hi * R + r0 + 16 * s16 + 2 * tq;
+      ua[s16][0] = ld32(pa);
+      ua[s16][1] = ld32(pb);
+      ua[s16][2] = ld32(pa + 8);
+      ua[s16][3] = ld32(pb + 8);
+    }
 }
 
 template <typename T>
@@ -337,6 +387,13 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
           issue(u - 1 + S);  // units under 3 k-tiles: the copy is two or more units ahead
       }
     }
+    // What the epilogue loads without needing the sums goes out before the drain, so that its
+    // latency hides behind it: loaded after the dequantization, the up fragments' global loads
+    // were exposed on every tile (ncu, run 69).
+    const int n_lo = min(n0 + row, N - 1), n_hi = min(n0 + row + 8, N - 1);
+    const float rs[2] = {row_scale[n_lo], row_scale[n_hi]};
+    uint32_t ua[H_ACT_R / 16][4];
+    load_up(ua, up, n_lo, n_hi, R, 0, tq);
     wgmma_wait<0>();
     pin<NT>(acc);
     cp_async_wait<0>();  // this thread's sx/sumq copies; the barrier below publishes them
@@ -376,14 +433,13 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       }
     }
 
-    // Epilogue: epilogue_m16's numbers (the same dequant_n8 and stage_n8, csrc/common.cuh), but
+    // Epilogue: epilogue_m16's numbers (the same dequant_n8, csrc/common.cuh; stage_n16 rounds as
+    // stage_n8 does), but
     // the low-rank up-projection runs on wgmma straight into the dequantized accumulators: up is
     // A (registers, the m16n8k16 A layout per warp), the act tile is B, copied by TMA with the
     // 128-byte swizzle (K-major, a row of 64 ranks per token) in 64-rank slabs, so the branch
     // costs R/16 wgmmas per warpgroup instead of a chain of dependent loads and mma.syncs per n8
     // tile.
-    const int n_lo = min(n0 + row, N - 1), n_hi = min(n0 + row + 8, N - 1);
-    const float rs[2] = {row_scale[n_lo], row_scale[n_hi]};
     float f[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) dequant_n8(acc[i], 8 * i + 2 * tq, BT, ssx + pb, ssq + pb, rs, f[i]);
@@ -391,19 +447,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       if (r0 > 0) {  // the previous slab's wgmmas are done in both warpgroups: reuse its buffer
         __syncthreads();
         if (tid == 0) issue_slab(tk0, r0);
+        load_up(ua, up, n_lo, n_hi, R, r0, tq);
       }
       const int steps = min(H_ACT_R, R - r0) / 16;
-      uint32_t ua[H_ACT_R / 16][4];
-#pragma unroll
-      for (int s16 = 0; s16 < H_ACT_R / 16; ++s16)
-        if (s16 < steps) {
-          const T* pa = up + (size_t)n_lo * R + r0 + 16 * s16 + 2 * tq;
-          const T* pb = up + (size_t)n_hi * R + r0 + 16 * s16 + 2 * tq;
-          ua[s16][0] = ld32(pa);
-          ua[s16][1] = ld32(pb);
-          ua[s16][2] = ld32(pa + 8);
-          ua[s16][3] = ld32(pb + 8);
-        }
       mbar_wait(act_full, slabs & 1);
       ++slabs;
       const uint32_t sa = smem_u32(slab);
@@ -421,8 +467,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     for (int h = 0; h < 2; ++h) {
       if (h == 1) __syncthreads();  // the first half has been copied out
 #pragma unroll
-      for (int i = 0; i < NT / 2; ++i)
-        stage_n8<T, BN>(f[h * NT / 2 + i], bv, bias != nullptr, so, 8 * i + 2 * tq, row);
+      for (int i = 0; i < NT / 2; i += 2)
+        stage_n16<T, BN>(f[h * NT / 2 + i], f[h * NT / 2 + i + 1], bv, bias != nullptr, so, 8 * i,
+                         row - g, lane);
       __syncthreads();
       // every warp's branch wgmmas are done: the slab may take the next tile's first ranks
       if (h == 0 && tid == 0 && R > 0 && j + 1 < my_tiles) issue_slab(tk0_next, 0);
