@@ -217,7 +217,7 @@ __device__ __forceinline__ void stage_n16(const float (&f0)[4], const float (&f1
       v0 = __fadd_rn(v0, bv[hh]);
       v1 = __fadd_rn(v1, bv[hh]);
     }
-    r[m] = F16<T>::pack2(v0, v1);
+    r[m] = pack2<T>(v0, v1);
   }
   const int m = lane / 8;
   const T* p = so + (t + 8 * (m / 2) + lane % 8) * out_stride<BN>() + ch + 8 * (m % 2);
