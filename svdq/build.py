@@ -5,9 +5,10 @@
 The build runs through torch.utils.cpp_extension.load with ninja, for the current GPU's
 architecture only. The result lives in $SVDQ_CACHE_DIR (default ~/.cache/svdquant) under a key
 made of the sources' hash (with the link flags), the arch, the torch version and the CUDA
-version, so that any change of these builds afresh and nothing stale is ever loaded. A file lock keeps two processes (two
-ComfyUI instances, say) from building at once; the second waits and then loads the first one's
-result. A finished build is imported directly, without invoking ninja again.
+version, so that any change of these builds afresh and nothing stale is ever loaded. A file
+lock keeps two processes (two ComfyUI instances, say) from building at once; the second waits
+and then loads the first one's result. A finished build is imported directly, without invoking
+ninja again.
 """
 from __future__ import annotations
 
