@@ -363,6 +363,8 @@ constexpr int QUANT_THREADS = QUANT_WARPS * 32;
 // k-chunk per act_stats_kernel block: a multiple of STATS_WARPS * 32. Measured best of 512 /
 // 1024 / 2048 (runs 51-52): shorter chunks add partials, longer ones lengthen each warp's chain
 __host__ __device__ inline int act_chunk(int K) { return K <= 4096 ? 1024 : 2048; }
+// k-chunks per row: the stats grid's width and the workspace's partials per token
+__host__ __device__ inline int act_chunks(int K) { return (K + act_chunk(K) - 1) / act_chunk(K); }
 
 // grid (KC chunks, ceil(M / 32) token tiles): the chunks of one tile run side by side
 template <typename T>
@@ -641,7 +643,7 @@ static void launch_act(const void* x, int M, int K, const float* inv_smooth, con
 // fp32 workspace of the split activation kernels (variant 2): chunk maxima and branch partials
 long long svdq_w4a8_act_workspace(int M, int K, int R, int variant) {
   if (variant != 2) return 0;
-  const long long KC = (K + svdq::act_chunk(K) - 1) / svdq::act_chunk(K);
+  const long long KC = svdq::act_chunks(K);
   return (long long)M * KC * (1 + R);
 }
 
@@ -649,7 +651,7 @@ template <typename T>
 static void launch_act_split(const void* x, int M, int K, const float* inv_smooth,
                              const void* down, const float* rank_scale, int R, int8_t* codes,
                              float* sx, int* sumq, void* act, float* work, cudaStream_t stream) {
-  const int chunk = svdq::act_chunk(K), KC = (K + chunk - 1) / chunk;
+  const int chunk = svdq::act_chunk(K), KC = svdq::act_chunks(K);
   float* amax_part = work;
   float* branch_part = work + (size_t)M * KC;
   dim3 grid(KC, (M + svdq::STATS_TOKENS - 1) / svdq::STATS_TOKENS);

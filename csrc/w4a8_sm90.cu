@@ -485,6 +485,11 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
 
 }  // namespace svdq
 
+// output tiles of the wgmma GEMM (what split_plan, the launcher and the workspace count)
+static int gemm_tiles(int M, int N) {
+  return ((N + svdq::H_BN - 1) / svdq::H_BN) * ((M + svdq::H_BT - 1) / svdq::H_BT);
+}
+
 // Wave plan. One CTA per SM walks whole tiles; when the tiles do not fill the last wave well
 // (432 tiles on 132 SMs: three full waves and 36 tiles, so a fourth wave with 27% of the SMs
 // busy for a whole tile's time), the last wave's tiles are split into k-ranges, one per CTA:
@@ -492,7 +497,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
 // and the tiles of the full waves.
 static int split_plan(int M, int N, int K, int sms, int& full_tiles) {
   using namespace svdq;
-  const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT), KT = (K + H_BK - 1) / H_BK;
+  const int tiles = gemm_tiles(M, N), KT = (K + H_BK - 1) / H_BK;
   full_tiles = tiles;
   if (sms <= 0 || tiles <= sms) return 1;
   const int rest = tiles % sms;
@@ -582,7 +587,7 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   if (e != cudaSuccess) return (int)e;
   // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles;
   // a short last wave's tiles split into k-ranges, one more unit for the first CTAs (split_plan)
-  const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT), sms = sm_count();
+  const int tiles = gemm_tiles(M, N), sms = sm_count();
   int full = 0;
   const int splits = split_plan(M, N, K, sms, full);
   int grid = sms;
@@ -610,7 +615,7 @@ long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K) {
   int full = 0;
   const int splits = split_plan(M, N, K, sm_count(), full);
   if (splits == 1) return 0;
-  const int tiles = ((N + H_BN - 1) / H_BN) * ((M + H_BT - 1) / H_BT), rest = tiles - full;
+  const int tiles = gemm_tiles(M, N), rest = tiles - full;
   return (long long)rest * splits * H_PART + rest;
 #endif
 }
