@@ -62,6 +62,7 @@
 #include <cfloat>
 
 #include "common.cuh"
+#include "launch.cuh"
 
 namespace svdq {
 
@@ -250,6 +251,10 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   __shared__ float rcp_s[16];
   static_assert(TM == 8 || TM == 16, "TM is 8 or 16");
 
+  // launched plainly as the layer's first kernel, so the wait returns at once; it keeps a PDL
+  // launch safe. The trigger lets the next kernel of the layer start early (csrc/launch.cuh).
+  griddep_wait();
+  griddep_launch();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int t0 = blockIdx.x * TM;
   // token rows g and g+8 of the tile; rows past M read row M-1 (never stored), rows past TM
@@ -374,6 +379,10 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
                  float* __restrict__ amax_part, float* __restrict__ branch_part) {
   __shared__ float part[STATS_WARPS][STATS_TOKENS][STATS_RCHUNK + 1];  // +1: banks
   __shared__ float amax_w[STATS_WARPS][STATS_TOKENS];
+  // launched plainly as the layer's first kernel, so the wait returns at once; it keeps a PDL
+  // launch safe. The trigger lets the next kernel of the layer start early (csrc/launch.cuh).
+  griddep_wait();
+  griddep_launch();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int c = blockIdx.x, KC = gridDim.x, t0 = blockIdx.y * STATS_TOKENS;
   // this warp's k-slices of the chunk: kb0, kb0 + step, ... < kend
@@ -473,6 +482,8 @@ act_quant_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
                  const float* __restrict__ amax_part, const float* __restrict__ branch_part,
                  int8_t* __restrict__ codes, float* __restrict__ sx, int* __restrict__ sumq,
                  T* __restrict__ act) {
+  griddep_wait();  // the partials come from act_stats_kernel, launched just before
+  griddep_launch();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int ta = (gridDim.x - 1 - blockIdx.x) * 16 + warp, tb = ta + 8;
   if (ta >= M) return;
@@ -533,6 +544,7 @@ gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
             const T* __restrict__ act, const T* __restrict__ up, int R,
             const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
   extern __shared__ __align__(128) uint8_t smem[];
+  griddep_wait();  // the codes come from the activation kernel (csrc/launch.cuh)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int wn = warp % 4, wt = warp / 4;
   const int n0 = blockIdx.x * BN, tk0 = blockIdx.y * BT;
@@ -632,12 +644,15 @@ gemm_kernel(const int8_t* __restrict__ codes, const float* __restrict__ sx,
 // =============================================================================================
 // Host launchers (no torch): the binding validates shapes; these return a cudaError_t.
 // =============================================================================================
+// PDL (csrc/launch.cuh) for the kernels that follow one of the layer's own: act_quant_kernel
+// and the GEMM; the layer's first kernel is launched plainly.
 template <typename T, int TM>
-static void launch_act(const void* x, int M, int K, const float* inv_smooth, const void* down,
-                       const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq,
-                       void* act, cudaStream_t stream) {
-  svdq::act_kernel<T, TM><<<(M + TM - 1) / TM, svdq::ACT_THREADS, 0, stream>>>(
-      (const T*)x, inv_smooth, (const T*)down, rank_scale, M, K, R, codes, sx, sumq, (T*)act);
+static cudaError_t launch_act(const void* x, int M, int K, const float* inv_smooth,
+                              const void* down, const float* rank_scale, int R, int8_t* codes,
+                              float* sx, int* sumq, void* act, cudaStream_t stream) {
+  return svdq::launch(svdq::act_kernel<T, TM>, (M + TM - 1) / TM, svdq::ACT_THREADS, 0, stream,
+                      false, (const T*)x, inv_smooth, (const T*)down, rank_scale, M, K, R, codes,
+                      sx, sumq, (T*)act);
 }
 
 // fp32 workspace of the split activation kernels (variant 2): chunk maxima and branch partials
@@ -648,18 +663,22 @@ long long svdq_w4a8_act_workspace(int M, int K, int R, int variant) {
 }
 
 template <typename T>
-static void launch_act_split(const void* x, int M, int K, const float* inv_smooth,
-                             const void* down, const float* rank_scale, int R, int8_t* codes,
-                             float* sx, int* sumq, void* act, float* work, cudaStream_t stream) {
+static cudaError_t launch_act_split(const void* x, int M, int K, const float* inv_smooth,
+                                    const void* down, const float* rank_scale, int R,
+                                    int8_t* codes, float* sx, int* sumq, void* act, float* work,
+                                    cudaStream_t stream) {
   const int chunk = svdq::act_chunk(K), KC = svdq::act_chunks(K);
   float* amax_part = work;
   float* branch_part = work + (size_t)M * KC;
   dim3 grid(KC, (M + svdq::STATS_TOKENS - 1) / svdq::STATS_TOKENS);
-  svdq::act_stats_kernel<T><<<grid, svdq::STATS_THREADS, 0, stream>>>(
-      (const T*)x, inv_smooth, (const T*)down, M, K, R, chunk, amax_part, branch_part);
-  svdq::act_quant_kernel<T><<<(M + 15) / 16, svdq::QUANT_THREADS, 0, stream>>>(
-      (const T*)x, inv_smooth, rank_scale, M, K, R, KC, amax_part, branch_part, codes, sx, sumq,
-      (T*)act);
+  cudaError_t e = svdq::launch(svdq::act_stats_kernel<T>, grid, svdq::STATS_THREADS, 0, stream,
+                               false, (const T*)x, inv_smooth, (const T*)down, M, K, R, chunk,
+                               amax_part, branch_part);
+  if (e != cudaSuccess) return e;
+  return svdq::launch(svdq::act_quant_kernel<T>, (M + 15) / 16, svdq::QUANT_THREADS, 0, stream,
+                      true, (const T*)x, inv_smooth, rank_scale, M, K, R, KC,
+                      (const float*)amax_part, (const float*)branch_part, codes, sx, sumq,
+                      (T*)act);
 }
 
 // variant 0: act_kernel, 16 tokens per block; 1: 8 tokens per block; 2: act_stats_kernel +
@@ -671,20 +690,21 @@ int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smoot
   if (M == 0) return 0;
 #define SVDQ_ACT(TT, TM) \
   launch_act<TT, TM>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx, sumq, act, stream)
+  cudaError_t e;
   if (variant == 2) {
     if (fp16)
-      launch_act_split<__half>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx, sumq, act,
-                               work, stream);
+      e = launch_act_split<__half>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx, sumq, act,
+                                   work, stream);
     else
-      launch_act_split<__nv_bfloat16>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx, sumq,
-                                      act, work, stream);
+      e = launch_act_split<__nv_bfloat16>(x, M, K, inv_smooth, down, rank_scale, R, codes, sx,
+                                          sumq, act, work, stream);
   } else if (fp16) {
-    if (variant == 1) SVDQ_ACT(__half, 8); else SVDQ_ACT(__half, 16);
+    e = variant == 1 ? SVDQ_ACT(__half, 8) : SVDQ_ACT(__half, 16);
   } else {
-    if (variant == 1) SVDQ_ACT(__nv_bfloat16, 8); else SVDQ_ACT(__nv_bfloat16, 16);
+    e = variant == 1 ? SVDQ_ACT(__nv_bfloat16, 8) : SVDQ_ACT(__nv_bfloat16, 16);
   }
 #undef SVDQ_ACT
-  return (int)cudaGetLastError();
+  return (int)e;
 }
 
 template <typename T>
@@ -698,10 +718,9 @@ static int launch_gemm(const int8_t* codes, const float* sx, const int* sumq,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, svdq::GEMM_SMEM);
   if (e != cudaSuccess) return (int)e;
   dim3 grid((N + svdq::BN - 1) / svdq::BN, (M + svdq::BT - 1) / svdq::BT);
-  svdq::gemm_kernel<T><<<grid, svdq::GEMM_THREADS, svdq::GEMM_SMEM, stream>>>(
-      codes, sx, sumq, qweight, multT, row_scale, (const T*)act, (const T*)up, R, (const T*)bias,
-      (T*)y, M, N, K);
-  return (int)cudaGetLastError();
+  return (int)svdq::launch(svdq::gemm_kernel<T>, grid, svdq::GEMM_THREADS, svdq::GEMM_SMEM,
+                           stream, true, codes, sx, sumq, qweight, multT, row_scale,
+                           (const T*)act, (const T*)up, R, (const T*)bias, (T*)y, M, N, K);
 }
 
 // The wgmma kernels (csrc/w4a8_sm90.cu); cudaErrorInvalidDeviceFunction where the extension was

@@ -73,6 +73,7 @@
 // 68) and nothing overlaps it; staging by stmatrix and loading up before the drain took
 // 0.3-5% off the GEMM (run 70, bits unchanged).
 
+#include "launch.cuh"
 #include "sm90.cuh"
 
 #include <cuda.h>          // CUtensorMap (types only: the encoder comes through cudart)
@@ -320,6 +321,15 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     }
     mbar_init(act_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (const CUtensorMap* m : {&tm_codes, &tm_w, &tm_mult, &tm_act})
+      if (m != &tm_act || R > 0)  // tm_act is encoded only when there is a branch
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(m) : "memory");
+  }
+  // All of the above may overlap the activation kernel's last CTAs (PDL, csrc/launch.cuh); the
+  // copies, the sx/sumq loads and the stores come after the wait. No griddep_launch(): what
+  // follows a layer is not ours to start early (csrc/launch.cuh says what that cost).
+  griddep_wait();
+  if (tid == 0) {
     for (int u = 0; u < S && u < n_iter; ++u) issue(u);
     if (R > 0) {  // the first tile's first slab, needed only after its main loop
       int n0, tk0, kb, kn;
@@ -535,15 +545,6 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// The current device's SM count, looked up once per device.
-static int sm_count() {
-  static int count[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (count[dev] == 0) cudaDeviceGetAttribute(&count[dev], cudaDevAttrMultiProcessorCount, dev);
-  return count[dev];
-}
-
 // A uint8 tensor map: dims[0] innermost (elements = bytes), strides in bytes for dims 1.., box.
 template <int RANK>
 static int make_map(CUtensorMap* map, const void* base, const cuuint64_t (&dims)[RANK],
@@ -599,10 +600,11 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
     e = cudaMemsetAsync(arrived, 0, rest * sizeof(int), stream);
     if (e != cudaSuccess) return (int)e;
   }
-  gemm_sm90_kernel<T><<<grid, H_THREADS, H_SMEM, stream>>>(
-      tc, tw, tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K, full,
-      splits, work, arrived);
-  return (int)cudaGetLastError();
+  // PDL (csrc/launch.cuh) only right behind the activation kernel: behind the memset the
+  // attribute would relate to no kernel
+  return (int)launch(gemm_sm90_kernel<T>, grid, H_THREADS, H_SMEM, stream, splits == 1, tc, tw,
+                     tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N,
+                     K, full, splits, work, arrived);
 }
 #endif  // SVDQ_SM90A
 

@@ -1,4 +1,5 @@
-"""svdq.build's choice of linker flags (CPU only: no CUDA needed to decide or to link)."""
+"""svdq.build: its cache key and its choice of linker flags (CPU only: no CUDA needed to decide or
+to link)."""
 import ctypes
 import os
 import shutil
@@ -99,3 +100,9 @@ def test_pip_hint_names_packages_that_exist_for_that_cuda(monkeypatch, cuda, exp
     hint = build._pip_nvcc_hint()
     assert all(p in hint for p in expect), hint
     assert "-cu1" not in hint        # nvidia-cuda-nvcc-cu12 has ptxas only, -cu13 is empty
+
+
+def test_cache_key_covers_every_kernel_source():
+    """A file of csrc/ that the key leaves out could change without a rebuild."""
+    on_disk = {p.name for p in build.CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h")}
+    assert on_disk == set(build.SOURCES) | set(build.HEADERS)

@@ -205,6 +205,36 @@ def test_deterministic_and_poison(gen):
     check_close(y1, ref.forward(layer, ref.prepare(layer), x), dtype, layer=layer, x=x)
 
 
+@pytest.mark.parametrize("act_variant", [0, 2], ids=["act_kernel", "split"])
+def test_programmatic_launch_chain(gen, monkeypatch, act_variant):
+    """A chain of layers, each fed the previous one's output through a torch op, with the
+    layer's kernels started early by programmatic dependent launch (the default on sm_90+,
+    csrc/launch.cuh) and without (SVDQ_PDL=0): identical bits. A kernel that read its input
+    before its predecessor finished would read poisoned (NaN) or stale memory here."""
+    from svdq.backends.cuda import CudaBackend
+    dtype = torch.bfloat16
+    layers = [make_layer(gen, 3072, 3072, 32, dtype) for _ in range(3)]
+    x0 = make_x(gen, 4607, 3072, dtype)
+    be = CudaBackend()
+    be.act_variant = act_variant
+    preps = [be.prepare(layer) for layer in layers]
+
+    def chain():
+        y = x0
+        for layer, prep in zip(layers, preps):
+            poison_allocator(16 << 20)
+            y = be.run(layer, prep, y * 0.25)
+        return y
+
+    outs = {}
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("SVDQ_PDL", pdl)
+        outs[pdl] = chain()
+        torch.cuda.synchronize()
+    assert not torch.isnan(outs["1"]).any()
+    assert torch.equal(outs["1"], outs["0"])
+
+
 def _gemm_variants(n=16):
     from svdq import build
     return (1, 2) if build.load().WGMMA and n % 16 == 0 else (1,)
