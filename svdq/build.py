@@ -216,6 +216,20 @@ def _load(verbose: bool):
         return mod
 
 
+def _cudart_link_dir(bdir: Path, cudart: Path) -> Path:
+    """bdir/pip-cudart holding libcudart.so -> cudart, the name torch's -lcudart looks for. A
+    link left by an earlier build may point at a runtime that has moved since (a dangling link:
+    exists() is False and symlink_to would fail); it is pointed at this one."""
+    link_dir = Path(bdir) / "pip-cudart"
+    link_dir.mkdir(exist_ok=True)
+    link = link_dir / "libcudart.so"
+    if link.is_symlink() and link.resolve() != Path(cudart).resolve():
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to(cudart)
+    return link_dir
+
+
 def _compile(bdir: Path, name: str, arch: str, verbose: bool):
     """cpp_extension.load of csrc/ for one architecture into bdir (ninja, no cache logic)."""
     from torch.utils import cpp_extension
@@ -225,11 +239,7 @@ def _compile(bdir: Path, name: str, arch: str, verbose: bool):
     defs = ["-DSVDQ_SM90A"] if arch == "90a" else []
     ldflags = list(_link_flags())
     if _pip_cudart is not None:
-        link_dir = Path(bdir) / "pip-cudart"
-        link_dir.mkdir(exist_ok=True)
-        if not (link_dir / "libcudart.so").exists():
-            (link_dir / "libcudart.so").symlink_to(_pip_cudart)
-        ldflags.append(f"-L{link_dir}")   # -L applies to every -l, wherever it stands
+        ldflags.append(f"-L{_cudart_link_dir(bdir, _pip_cudart)}")  # -L applies to every -l
     try:
         return cpp_extension.load(
             name=name, sources=[str(CSRC / s) for s in SOURCES], build_directory=str(bdir),

@@ -102,6 +102,24 @@ def test_pip_hint_names_packages_that_exist_for_that_cuda(monkeypatch, cuda, exp
     assert "-cu1" not in hint        # nvidia-cuda-nvcc-cu12 has ptxas only, -cu13 is empty
 
 
+@linux_only
+def test_cudart_link_follows_the_runtime(tmp_path):
+    """The libcudart.so link in the build folder points at the pip runtime, also when a link from
+    an earlier build dangles (the runtime moved) or points elsewhere."""
+    old, new = tmp_path / "old" / "libcudart.so.13", tmp_path / "new" / "libcudart.so.13"
+    for f in (old, new):
+        f.parent.mkdir()
+        f.write_bytes(b"\x7fELF")
+    bdir = tmp_path / "build"
+    bdir.mkdir()
+    link = build._cudart_link_dir(bdir, old) / "libcudart.so"
+    assert link.resolve() == old.resolve()
+    assert build._cudart_link_dir(bdir, old) / "libcudart.so" == link   # kept as it is
+    old.unlink()                                                        # dangling now
+    build._cudart_link_dir(bdir, new)
+    assert link.resolve() == new.resolve() and link.exists()
+
+
 def test_cache_key_covers_every_kernel_source():
     """A file of csrc/ that the key leaves out could change without a rebuild."""
     on_disk = {p.name for p in build.CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h")}
