@@ -356,6 +356,9 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 // (svdq/backends/cuda.py, act_variant_for). Measured (bench/NOTES.md, session 8): at 4608 tokens, rank 32, 106 / 129 us
 // against 129 / 158 us at K = 12288 / 15360, equal at K = 3072; at 8192 tokens (a full last
 // wave) 13-44% slower.
+// Loading x and `down` into registers, not through shared memory, is measured: persistent
+// variants that stage them by cp.async or TMA and read fragments by ldmatrix were correct and
+// 1.3-2.4x slower (bench/NOTES.md, runs 90-95: fewer warps per SM, more instructions per byte).
 // Workspace (fp32, the binding allocates it): amax_part [M][KC], branch_part [M][KC][R16].
 constexpr int STATS_WARPS = 4;
 constexpr int STATS_THREADS = STATS_WARPS * 32;
