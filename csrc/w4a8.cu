@@ -358,7 +358,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 // wave) 13-44% slower.
 // Loading x and `down` into registers, not through shared memory, is measured: persistent
 // variants that stage them by cp.async or TMA and read fragments by ldmatrix were correct and
-// 1.3-2.4x slower (bench/NOTES.md, runs 90-95: fewer warps per SM, more instructions per byte).
+// 1.3-2.4x slower (bench/NOTES.md, runs 90-96; the cause not isolated).
 // Workspace (fp32, the binding allocates it): amax_part [M][KC], branch_part [M][KC][R16].
 constexpr int STATS_WARPS = 4;
 constexpr int STATS_THREADS = STATS_WARPS * 32;
