@@ -114,6 +114,19 @@ __device__ __forceinline__ void widen_group(uint2 w_lo, uint2 w_hi, uint32_t m_l
   }
 }
 
+// The m16n8k16 A fragment of up [N, R] (row-major) for ranks r .. r + 15 and a lane's channels
+// n_lo (rows g) and n_hi (rows g + 8): both epilogues' low-rank up-projection reads up this way.
+template <typename T>
+__device__ __forceinline__ void up_fragment(uint32_t (&ua)[4], const T* __restrict__ up, int n_lo,
+                                            int n_hi, int R, int r, int tq) {
+  const T* pa = up + (size_t)n_lo * R + r + 2 * tq;
+  const T* pb = up + (size_t)n_hi * R + r + 2 * tq;
+  ua[0] = ld32(pa);
+  ua[1] = ld32(pb);
+  ua[2] = ld32(pa + 8);
+  ua[3] = ld32(pb + 8);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Epilogue of one warp's m16 x (NT*8) tile: rows (output channels) g and g+8, tokens
 // 8*nt + 2tq + {0, 1}; acc[nt] in the mma/wgmma C layout (c0, c1: row g; c2, c3: row g+8).
@@ -184,12 +197,7 @@ __device__ __forceinline__ void epilogue_m16(int (&acc)[NT][4], int n_g, int nl,
     // low-rank up: A = up [n, r] (row-major: the m16n8k16 "row" A), B = act [t, r] ("col" B)
     for (int r = 0; r < R; r += 16) {
       uint32_t ua[4];
-      const T* pA = up + (size_t)n_lo * R + r + 2 * tq;
-      const T* pB = up + (size_t)n_hi * R + r + 2 * tq;
-      ua[0] = ld32(pA);
-      ua[1] = ld32(pB);
-      ua[2] = ld32(pA + 8);
-      ua[3] = ld32(pB + 8);
+      up_fragment(ua, up, n_lo, n_hi, R, r, tq);
 #pragma unroll
       for (int j = 0; j < CH; ++j) {
         const T* p = act + (size_t)min(t_0 + (c0 + j) * 8 + g, M - 1) * R + r + 2 * tq;

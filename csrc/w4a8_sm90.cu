@@ -237,14 +237,7 @@ __device__ __forceinline__ void load_up(uint32_t (&ua)[H_ACT_R / 16][4], const T
   const int steps = min(H_ACT_R, R - r0) / 16;
 #pragma unroll
   for (int s16 = 0; s16 < H_ACT_R / 16; ++s16)
-    if (s16 < steps) {
-      const T* pa = up + (size_t)n_lo * R + r0 + 16 * s16 + 2 * tq;
-      const T* pb = up + (size_t)n_hi * R + r0 + 16 * s16 + 2 * tq;
-      ua[s16][0] = ld32(pa);
-      ua[s16][1] = ld32(pb);
-      ua[s16][2] = ld32(pa + 8);
-      ua[s16][3] = ld32(pb + 8);
-    }
+    if (s16 < steps) up_fragment(ua[s16], up, n_lo, n_hi, R, r0 + 16 * s16, tq);
 }
 
 template <typename T>
