@@ -15,7 +15,7 @@ int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const 
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
                    int variant, int* work, cudaStream_t stream);
 long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K);
-int svdq_w4a8_gemm_split_plan(int M, int N, int K, int sms, int* full);
+int svdq_w4a8_gemm_split_plan(int M, int N, int K, int sms, int* halves, int* full);
 
 int svdq_dequant_w4(const uint8_t* qweight, const float* scales, void* w, int N, int K, bool fp16,
                     cudaStream_t stream);
@@ -170,11 +170,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_w4", &dequant_w4, "weight-only 4-bit layers: codes * scale to 16 bits",
         py::arg("qweight"), py::arg("scales"), py::arg("w"));
   m.def("gemm_split_plan", [](int64_t M, int64_t N, int64_t K, int64_t sms) {
-        int full = 0;
-        const int splits = svdq_w4a8_gemm_split_plan((int)M, (int)N, (int)K, (int)sms, &full);
-        return py::make_tuple(splits, full);
-      }, "the wgmma GEMM's wave plan on `sms` SMs: (k-splits of the last wave's tiles, tiles in "
-      "full waves)", py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"));
+        int halves = 1, full = 0;
+        const int splits =
+            svdq_w4a8_gemm_split_plan((int)M, (int)N, (int)K, (int)sms, &halves, &full);
+        return py::make_tuple(splits, halves, full);
+      }, "the wgmma GEMM's wave plan on `sms` SMs: (k-ranges per tile of the last wave, token "
+      "halves per tile of the last wave, tiles in full waves)", py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"));
   m.attr("MAX_K") = MAX_K;
 #ifdef SVDQ_SM90A
   m.attr("WGMMA") = true;   // built for sm_90a: gemm variant 2 exists

@@ -81,6 +81,7 @@
 
 #include <cuda.h>          // CUtensorMap (types only: the encoder comes through cudart)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <type_traits>
 
 namespace svdq {
 
@@ -140,23 +141,42 @@ template <int NT> __device__ __forceinline__ void pin(float (&d)[NT][4]) {
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
   "}"
+// the first 64 of them: an m64n128 wgmma's (16 n8 tiles)
+#define SVDQ_D64 \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+  "}"
 #define SVDQ_ACC4(c, d, i) c(d[i][0]), c(d[i][1]), c(d[i][2]), c(d[i][3])
-#define SVDQ_ACC128(c, d) \
+#define SVDQ_ACC64(c, d) \
   SVDQ_ACC4(c, d, 0), SVDQ_ACC4(c, d, 1), SVDQ_ACC4(c, d, 2), SVDQ_ACC4(c, d, 3), \
   SVDQ_ACC4(c, d, 4), SVDQ_ACC4(c, d, 5), SVDQ_ACC4(c, d, 6), SVDQ_ACC4(c, d, 7), \
   SVDQ_ACC4(c, d, 8), SVDQ_ACC4(c, d, 9), SVDQ_ACC4(c, d, 10), SVDQ_ACC4(c, d, 11), \
-  SVDQ_ACC4(c, d, 12), SVDQ_ACC4(c, d, 13), SVDQ_ACC4(c, d, 14), SVDQ_ACC4(c, d, 15), \
+  SVDQ_ACC4(c, d, 12), SVDQ_ACC4(c, d, 13), SVDQ_ACC4(c, d, 14), SVDQ_ACC4(c, d, 15)
+#define SVDQ_ACC128(c, d) \
+  SVDQ_ACC64(c, d), \
   SVDQ_ACC4(c, d, 16), SVDQ_ACC4(c, d, 17), SVDQ_ACC4(c, d, 18), SVDQ_ACC4(c, d, 19), \
   SVDQ_ACC4(c, d, 20), SVDQ_ACC4(c, d, 21), SVDQ_ACC4(c, d, 22), SVDQ_ACC4(c, d, 23), \
   SVDQ_ACC4(c, d, 24), SVDQ_ACC4(c, d, 25), SVDQ_ACC4(c, d, 26), SVDQ_ACC4(c, d, 27), \
   SVDQ_ACC4(c, d, 28), SVDQ_ACC4(c, d, 29), SVDQ_ACC4(c, d, 30), SVDQ_ACC4(c, d, 31)
 
-// d[64 x 256] += A (4 registers per thread, u8) x B (descriptor, s8, K-major), s32.
-__device__ __forceinline__ void wgmma_u8s8(int (&d)[32][4], const uint32_t a[4], uint64_t desc) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 " SVDQ_D128
-               ", {%128, %129, %130, %131}, %132, 1;\n"
-               : SVDQ_ACC128("+r", d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+// d[64 x 8 NTA] += A (4 registers per thread, u8) x B (descriptor, s8, K-major), s32: NTA = 32
+// for a whole tile (256 tokens), 16 for a token half of the last wave (split_plan), which reads
+// the first 128 token rows of the same B tile.
+template <int NTA>
+__device__ __forceinline__ void wgmma_u8s8(int (&d)[NTA][4], const uint32_t a[4], uint64_t desc) {
+  if constexpr (NTA == 32)
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 " SVDQ_D128
+                 ", {%128, %129, %130, %131}, %132, 1;\n"
+                 : SVDQ_ACC128("+r", d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  else
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " SVDQ_D64
+                 ", {%64, %65, %66, %67}, %68, 1;\n"
+                 : SVDQ_ACC64("+r", d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 
 // d[64 x 256] += A (4 registers per thread, T) x B (descriptor, T, K-major), f32: the low-rank
@@ -248,8 +268,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
                  const __grid_constant__ CUtensorMap tm_act, const float* __restrict__ sx,
                  const int* __restrict__ sumq, const float* __restrict__ row_scale,
                  const T* __restrict__ up, int R, const T* __restrict__ bias, T* __restrict__ y,
-                 int M, int N, int K, int full_tiles, int splits, int* __restrict__ part,
-                 int* __restrict__ arrived) {
+                 int M, int N, int K, int full_tiles, int splits, int halves,
+                 int* __restrict__ part, int* __restrict__ arrived) {
 #ifdef SVDQ_SM90A_DEVICE
   constexpr int S = H_STAGES, NT = H_BT / 8, BT = H_BT, BN = H_BN, WARPS = H_THREADS / 32;
   extern __shared__ uint8_t smem_raw[];
@@ -260,17 +280,18 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   uint32_t* released = reinterpret_cast<uint32_t*>(act_full + 1);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   // Work units. Whole output tiles blockIdx.x, + gridDim.x, ... below full_tiles (channel tiles
-  // fastest), KT k-tiles each; then, when splits > 1, the tiles past full_tiles (a short last
-  // wave, split_plan) as `splits` k-ranges of KTR k-tiles, range unit r on CTA r: one more
-  // unit, the last, for CTAs below (tiles - full_tiles) * splits. The k-tiles of all of a
-  // CTA's units form one stream (u), so the copies run ahead across units, into the range too.
-  const int KT = (K + H_BK - 1) / H_BK, KTR = KT / splits;
+  // fastest), KT k-tiles each; then the tiles past full_tiles (a short last wave, split_plan),
+  // each as `splits` k-ranges of KTR k-tiles or as `halves` = 2 token halves of 128 tokens (one
+  // of the two counts is 1): tail unit r on CTA r, one more unit, the last, for CTAs below
+  // (tiles - full_tiles) * parts. The k-tiles of all of a CTA's units form one stream (u), so the
+  // copies run ahead across units, into the tail unit too.
+  const int KT = (K + H_BK - 1) / H_BK, KTR = KT / splits, parts = splits * halves;
   const int n_tiles_n = (N + BN - 1) / BN, n_tiles = n_tiles_n * ((M + BT - 1) / BT);
   const int n_whole = (full_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
-  const bool has_range = splits > 1 && (int)blockIdx.x < (n_tiles - full_tiles) * splits;
-  const int my_tiles = n_whole + has_range;
+  const bool has_tail = parts > 1 && (int)blockIdx.x < (n_tiles - full_tiles) * parts;
+  const int my_tiles = n_whole + has_tail;
   if (my_tiles <= 0) return;  // the launcher never makes more CTAs than tiles; cheap to be sure
-  const int n_iter = n_whole * KT + (has_range ? KTR : 0);
+  const int n_iter = n_whole * KT + (has_tail ? KT / splits : 0);
   uint8_t* slab = smem + H_ACT;
   // the epilogue's per-token sx and sumq, copied (cp.async) when the tile starts, so that the
   // epilogue reads shared memory: from global memory they waited ~4% of the GEMM (ncu, run 45)
@@ -278,18 +299,21 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   int* ssq = reinterpret_cast<int*>(ssx + 2 * BT);
   static_assert(H_THREADS == H_BT, "one token per thread for the sx/sumq copies");
 
-  // unit j of this CTA: output tile (n0, tk0), its k-tiles kb .. kb + kn - 1
+  // unit j of this CTA: output tile (n0, tk0), its k-tiles kb .. kb + kn - 1. A token half
+  // starts tk0 at the tile's first or 129th token; its copies, sx/sumq and slab are a whole
+  // tile's from there (the rows past the half are never multiplied into what it stores).
   auto tile_of = [&](int j, int& n0, int& tk0, int& kb, int& kn) {
-    int t = (int)blockIdx.x + j * (int)gridDim.x;
+    int t = (int)blockIdx.x + j * (int)gridDim.x, half = 0;
     kb = 0;
     kn = KT;
-    if (j >= n_whole) {  // the k-range: unit blockIdx.x of the split tiles
-      t = full_tiles + (int)blockIdx.x / splits;
+    if (j >= n_whole) {  // the tail unit: unit blockIdx.x of the split tiles
+      t = full_tiles + (int)blockIdx.x / parts;
       kb = ((int)blockIdx.x % splits) * KTR;
-      kn = KTR;
+      kn = KT / splits;
+      half = halves > 1 ? (int)blockIdx.x % 2 : 0;
     }
     n0 = (t % n_tiles_n) * BN;
-    tk0 = (t / n_tiles_n) * BT;
+    tk0 = (t / n_tiles_n) * BT + half * (BT / 2);
   };
   // k-tile kt of the output tile (n0, tk0) into stage s
   auto issue_at = [&](int s, int kt, int n0, int tk0) {
@@ -355,52 +379,75 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       cp_async_commit();
     }
     int acc[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
 
-    for (int kt = 0; kt < kn; ++kt, ++u) {
-      const int s = u % S, parity = (u / S) & 1;
-      mbar_wait(&full[s], parity);
-      __syncwarp();
-      const uint8_t* st = smem + s * H_STAGE;
-      const uint32_t sb = smem_u32(st);
+    // The main loop on m64n256 wgmmas, or on m64n128 for a token half (the first 128 token rows
+    // of each codes tile): two copies of it, so that no branch separates a fence from its wgmmas.
+    auto main_loop = [&](auto& d) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        wgmma_wait<1>();  // the group that last read a[c] (k-tile u-1, half c) is done
-        if (c == 1 && u > 0 && lane == 0)  // this warp has read all of k-tile u-1
-          asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
-                       : "=r"(done) : "r"(smem_u32(&released[(u - 1) % S])) : "memory");
-        widen_group(*reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + row * 32 + 8 * tq),
-                    *reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
-                    (uint8_t)st[H_MULT + c * BN + row], (uint8_t)st[H_MULT + c * BN + row + 8], a[c]);
-        wgmma_fence();
+      for (auto& v : d) v[0] = v[1] = v[2] = v[3] = 0;
+      for (int kt = 0; kt < kn; ++kt, ++u) {
+        const int s = u % S, parity = (u / S) & 1;
+        mbar_wait(&full[s], parity);
+        __syncwarp();
+        const uint8_t* st = smem + s * H_STAGE;
+        const uint32_t sb = smem_u32(st);
 #pragma unroll
-        for (int k32 = 0; k32 < 2; ++k32)
-          wgmma_u8s8(acc, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
-        wgmma_commit();
+        for (int c = 0; c < 2; ++c) {
+          wgmma_wait<1>();  // the group that last read a[c] (k-tile u-1, half c) is done
+          if (c == 1 && u > 0 && lane == 0)  // this warp has read all of k-tile u-1
+            asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
+                         : "=r"(done) : "r"(smem_u32(&released[(u - 1) % S])) : "memory");
+          widen_group(*reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + row * 32 + 8 * tq),
+                      *reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
+                      (uint8_t)st[H_MULT + c * BN + row], (uint8_t)st[H_MULT + c * BN + row + 8], a[c]);
+          wgmma_fence();
+#pragma unroll
+          for (int k32 = 0; k32 < 2; ++k32)
+            wgmma_u8s8(d, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
+          wgmma_commit();
+        }
+        // the warp whose release completes k-tile u-1's stage refills it at once, possibly with
+        // a k-tile of this CTA's next output tile. No division here: this runs once per k-tile
+        // on the issuing warp's critical path, and its warpgroup's next wgmma waits for it (two
+        // divisions cost the GEMM ~15%, run 39).
+        if (u > 0 && lane == 0 && done % WARPS == WARPS - 1 && u - 1 + S < n_iter) {
+          const int kv = kt - 1 + S, sv = (u - 1) & (S - 1);  // == (u - 1 + S) % S
+          if (kv < kn)
+            issue_at(sv, kb + kv, n0, tk0);
+          else if (kv < kn + kn_next)
+            issue_at(sv, kb_next + kv - kn, n0_next, tk0_next);
+          else
+            issue(u - 1 + S);  // units under 3 k-tiles: the copy is two or more units ahead
+        }
       }
-      // the warp whose release completes k-tile u-1's stage refills it at once, possibly with
-      // a k-tile of this CTA's next output tile. No division here: this runs once per k-tile
-      // on the issuing warp's critical path, and its warpgroup's next wgmma waits for it (two
-      // divisions cost the GEMM ~15%, run 39).
-      if (u > 0 && lane == 0 && done % WARPS == WARPS - 1 && u - 1 + S < n_iter) {
-        const int kv = kt - 1 + S, sv = (u - 1) & (S - 1);  // == (u - 1 + S) % S
-        if (kv < kn)
-          issue_at(sv, kb + kv, n0, tk0);
-        else if (kv < kn + kn_next)
-          issue_at(sv, kb_next + kv - kn, n0_next, tk0_next);
-        else
-          issue(u - 1 + S);  // units under 3 k-tiles: the copy is two or more units ahead
-      }
-    }
+    };
     // What the epilogue loads without needing the sums goes out before the drain, so that its
     // latency hides behind it: loaded after the dequantization, the up fragments' global loads
     // were exposed on every tile (ncu, run 69).
     const int n_lo = min(n0 + row, N - 1), n_hi = min(n0 + row + 8, N - 1);
-    const float rs[2] = {row_scale[n_lo], row_scale[n_hi]};
+    float rs[2];
     uint32_t ua[H_ACT_R / 16][4];
-    load_up(ua, up, n_lo, n_hi, R, 0, tq);
-    wgmma_wait<0>();
+    auto drain = [&] {
+      rs[0] = row_scale[n_lo];
+      rs[1] = row_scale[n_hi];
+      load_up(ua, up, n_lo, n_hi, R, 0, tq);
+      wgmma_wait<0>();
+    };
+    const bool half_unit = halves > 1 && j >= n_whole;
+    if (half_unit) {
+      // Each path drains its own wgmmas: with one drain after the two paths join, ptxas
+      // serializes every wgmma of the kernel (C7515).
+      int acc_h[NT / 2][4];
+      main_loop(acc_h);
+      drain();
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][e] = i < NT / 2 ? acc_h[i][e] : 0;
+    } else {
+      main_loop(acc);
+      drain();
+    }
     pin<NT>(acc);
     cp_async_wait<0>();  // this thread's sx/sumq copies; the barrier below publishes them
     // Every warp's wgmmas are done with k-tile u-1's stage, which nothing refills before the
@@ -408,7 +455,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     // (128 tokens) at a time. The other stages are meanwhile filling with the next tile.
     __syncthreads();
     uint8_t* out_stage = smem + ((u - 1) % S) * H_STAGE;
-    if (j >= n_whole) {
+    if (j >= n_whole && splits > 1) {
       // A k-range of a split tile: every range stores its exact int32 sums, and the last of the
       // tile's ranges to arrive adds the others' (integer addition: the same bits whatever the
       // order) and runs the epilogue. The usual last-block pattern: stores, fence, barrier,
@@ -471,7 +518,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     T* so = reinterpret_cast<T*>(out_stage);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (h == 1) __syncthreads();  // the first half has been copied out
+      if (h == 1 && half_unit) break;  // the CTA's last unit: no next tile needs the slab
+      if (h == 1) __syncthreads();     // the first half has been copied out
 #pragma unroll
       for (int i = 0; i < NT / 2; i += 2)
         stage_n16<T, BN>(f[h * NT / 2 + i], f[h * NT / 2 + i + 1], bv, bias != nullptr, so, 8 * i,
@@ -498,27 +546,35 @@ static int gemm_tiles(int M, int N) {
 
 // Wave plan. One CTA per SM walks whole tiles; when the tiles do not fill the last wave well
 // (432 tiles on 132 SMs: three full waves and 36 tiles, so a fourth wave with 27% of the SMs
-// busy for a whole tile's time), the last wave's tiles are split into k-ranges, one per CTA:
-// 36 tiles x 3 ranges run on 108 SMs for a third of the time. Returns the split count (1: none)
-// and the tiles of the full waves.
-static int split_plan(int M, int N, int K, int sms, int& full_tiles) {
+// busy for a whole tile's time), the last wave's tiles are split, one part per CTA: into k-ranges
+// when the tile has k-tiles enough (36 tiles x 3 ranges run on 108 SMs for a third of the time),
+// otherwise into two token halves of 128 tokens (72 half tiles, each half a tile's MMAs).
+struct WavePlan {
+  int full_tiles;  // tiles of the full waves, walked whole
+  int splits;      // k-ranges per tile of the last wave (1: none)
+  int halves;      // token halves per tile of the last wave (1: none); splits or halves is 1
+};
+static WavePlan split_plan(int M, int N, int K, int sms) {
   using namespace svdq;
   const int tiles = gemm_tiles(M, N), KT = (K + H_BK - 1) / H_BK;
-  full_tiles = tiles;
-  if (sms <= 0 || tiles <= sms) return 1;
+  WavePlan p{tiles, 1, 1};
+  if (sms <= 0 || tiles <= sms) return p;
   const int rest = tiles % sms;
-  if (rest == 0 || 2 * rest > sms) return 1;  // the last wave is at least half full
+  if (rest == 0 || 2 * rest > sms) return p;  // the last wave is at least half full
   // ranges of at least 16 k-tiles: ranges of 8 lost or broke even (proj, mlp_fc1: 0.99x, run 58)
-  int splits = 1;
   for (int s = 2; s * rest <= sms && KT / s >= 16; ++s)
-    if (KT % s == 0) splits = s;
-  if (splits > 1) full_tiles = tiles - rest;
-  return splits;
+    if (KT % s == 0) p.splits = s;
+  if (p.splits == 1) p.halves = 2;  // 2 * rest <= sms
+  p.full_tiles = tiles - rest;
+  return p;
 }
 
-// the plan for the binding (tests): splits, and the tiles of the full waves in *full
-int svdq_w4a8_gemm_split_plan(int M, int N, int K, int sms, int* full) {
-  return split_plan(M, N, K, sms, *full);
+// the plan for the binding (tests): returns splits; halves and full-wave tiles in *halves, *full
+int svdq_w4a8_gemm_split_plan(int M, int N, int K, int sms, int* halves, int* full) {
+  const WavePlan p = split_plan(M, N, K, sms);
+  *halves = p.halves;
+  *full = p.full_tiles;
+  return p.splits;
 }
 
 #ifdef SVDQ_SM90A
@@ -585,8 +641,8 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles;
   // a short last wave's tiles split into k-ranges, one more unit for the first CTAs (split_plan)
   const int tiles = gemm_tiles(M, N), sms = sm_count();
-  int full = 0;
-  const int splits = split_plan(M, N, K, sms, full);
+  const WavePlan plan = split_plan(M, N, K, sms);
+  const int full = plan.full_tiles, splits = plan.splits;
   int grid = sms;
   if (grid <= 0 || full < grid) grid = full;
   int* arrived = nullptr;
@@ -600,7 +656,7 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   // attribute would relate to no kernel
   return (int)launch(gemm_sm90_kernel<T>, grid, H_THREADS, H_SMEM, stream, splits == 1, tc, tw,
                      tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N,
-                     K, full, splits, work, arrived);
+                     K, full, splits, plan.halves, work, arrived);
 }
 #endif  // SVDQ_SM90A
 
@@ -610,11 +666,10 @@ long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K) {
   return 0;
 #else
   using namespace svdq;
-  int full = 0;
-  const int splits = split_plan(M, N, K, sm_count(), full);
-  if (splits == 1) return 0;
-  const int tiles = gemm_tiles(M, N), rest = tiles - full;
-  return (long long)rest * splits * H_PART + rest;
+  const WavePlan p = split_plan(M, N, K, sm_count());
+  if (p.splits == 1) return 0;
+  const int rest = gemm_tiles(M, N) - p.full_tiles;
+  return (long long)rest * p.splits * H_PART + rest;
 #endif
 }
 

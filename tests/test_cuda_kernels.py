@@ -249,24 +249,27 @@ GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
                (8191, 64, 8192), (8193, 192, 4096), (3001, 320, 2064),
                # a short last wave split into k-ranges on a 132-SM H200 (test_gemm_split_plan):
                # 3 ranges of 32 k-tiles with a partial last token tile, 8 ranges of 16, and 2 of
-               # 16 with a K % 128 == 64 tail
-               (4500, 12288, 3072), (4352, 16384, 4096), (300, 4032, 17408)]
+               # 16 with a K % 128 == 64 tail; into token halves: 4608 x 3072 x 3072 above, 333 x
+               # 3072 x 9216 above (the second halves wholly past M), and a second half that
+               # ends past M
+               (4500, 12288, 3072), (4352, 16384, 4096), (300, 4032, 17408), (4500, 3072, 3072)]
 
 
 def test_gemm_split_plan():
     """The wave plan of the wgmma GEMM: a last wave at most half full is split into k-ranges of
-    at least 16 k-tiles (as many as fit on the SMs and divide the k-tiles); the GEMM_SHAPES
-    above take it on the H200's 132 SMs."""
+    at least 16 k-tiles (as many as fit on the SMs and divide the k-tiles), else into two token
+    halves; the GEMM_SHAPES above take it on the H200's 132 SMs."""
     from svdq import build
-    plan = build.load().gemm_split_plan                # (M, N, K, SMs) -> (splits, full tiles)
-    assert plan(4500, 3072, 12288, 132) == (3, 396)    # 432 tiles: 36 left, 3 x 36 <= 132
-    assert plan(4352, 4096, 16384, 132) == (8, 528)    # 544 tiles: 16 left, 128 k-tiles
-    assert plan(300, 17408, 4032, 132) == (2, 264)     # 272 tiles: 8 left, 32 k-tiles
-    assert plan(4608, 3072, 15360, 132) == (3, 396)    # single_out at 4608 tokens
-    assert plan(4608, 3072, 3072, 132) == (1, 432)     # 24 k-tiles: ranges would be too short
-    assert plan(4608, 9216, 3072, 132) == (1, 1296)    # 108 left: the last wave is 82% full
-    assert plan(256, 3072, 12288, 132) == (1, 24)      # fewer tiles than SMs
-    assert plan(4500, 3072, 6016, 132) == (1, 432)     # 47 k-tiles: no range count divides
+    plan = build.load().gemm_split_plan  # (M, N, K, SMs) -> (k-ranges, token halves, full tiles)
+    assert plan(4500, 3072, 12288, 132) == (3, 1, 396)  # 432 tiles: 36 left, 3 x 36 <= 132
+    assert plan(4352, 4096, 16384, 132) == (8, 1, 528)  # 544 tiles: 16 left, 128 k-tiles
+    assert plan(300, 17408, 4032, 132) == (2, 1, 264)   # 272 tiles: 8 left, 32 k-tiles
+    assert plan(4608, 3072, 15360, 132) == (3, 1, 396)  # single_out at 4608 tokens
+    assert plan(4608, 3072, 3072, 132) == (1, 2, 396)   # 24 k-tiles: ranges too short, halves
+    assert plan(333, 9216, 3072, 132) == (1, 2, 132)    # 144 tiles: 12 left
+    assert plan(4608, 9216, 3072, 132) == (1, 1, 1296)  # 108 left: the last wave is 82% full
+    assert plan(256, 3072, 12288, 132) == (1, 1, 24)    # fewer tiles than SMs
+    assert plan(4500, 3072, 6016, 132) == (1, 2, 396)   # 47 k-tiles: no range count divides
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
