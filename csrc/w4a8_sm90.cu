@@ -263,6 +263,7 @@ __device__ __forceinline__ void load_up(uint32_t (&ua)[H_ACT_R / 16][4], const T
 template <typename T>
 __global__ void __launch_bounds__(H_THREADS, 1)
 gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
+                 const __grid_constant__ CUtensorMap tm_codes_half,
                  const __grid_constant__ CUtensorMap tm_w,
                  const __grid_constant__ CUtensorMap tm_mult,
                  const __grid_constant__ CUtensorMap tm_act, const float* __restrict__ sx,
@@ -316,10 +317,12 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     tk0 = (t / n_tiles_n) * BT + half * (BT / 2);
   };
   // k-tile kt of the output tile (n0, tk0) into stage s
-  auto issue_at = [&](int s, int kt, int n0, int tk0) {
+  // (a token half copies 128 token rows of codes: with the whole tile's 256 its k-tiles, half
+  // the MMAs, waited for the copies and ran as long as whole tiles, run 100)
+  auto issue_at = [&](int s, int kt, int n0, int tk0, bool half) {
     uint8_t* st = smem + s * H_STAGE;
-    mbar_expect_tx(&full[s], H_TX);
-    tma_2d(st, &tm_codes, kt * H_BK, tk0, &full[s]);
+    mbar_expect_tx(&full[s], half ? H_TX - (H_BT / 2) * H_BK : H_TX);
+    tma_2d(st, half ? &tm_codes_half : &tm_codes, kt * H_BK, tk0, &full[s]);
     tma_3d(st + H_W, &tm_w, 0, n0, kt * 2, &full[s]);
     tma_2d(st + H_MULT, &tm_mult, n0, kt * 2, &full[s]);
   };
@@ -327,7 +330,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     const int j = u < n_whole * KT ? u / KT : n_whole;  // the range starts at n_whole * KT
     int n0, tk0, kb, kn;
     tile_of(j, n0, tk0, kb, kn);
-    issue_at(u % S, kb + u - j * KT, n0, tk0);
+    issue_at(u % S, kb + u - j * KT, n0, tk0, halves > 1 && j >= n_whole);
   };
   auto issue_slab = [&](int tk0, int r0) {
     mbar_expect_tx(act_full, H_ACT_BYTES);
@@ -341,8 +344,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     }
     mbar_init(act_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    for (const CUtensorMap* m : {&tm_codes, &tm_w, &tm_mult, &tm_act})
-      if (m != &tm_act || R > 0)  // tm_act is encoded only when there is a branch
+    for (const CUtensorMap* m : {&tm_codes, &tm_codes_half, &tm_w, &tm_mult, &tm_act})
+      if ((m != &tm_act || R > 0) && (m != &tm_codes_half || halves > 1))  // else not encoded
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(m) : "memory");
   }
   // All of the above may overlap the activation kernel's last CTAs (PDL, csrc/launch.cuh); the
@@ -380,6 +383,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     }
     int acc[NT][4];
 
+    const bool half_unit = halves > 1 && j >= n_whole;
     // The main loop on m64n256 wgmmas, or on m64n128 for a token half (the first 128 token rows
     // of each codes tile): two copies of it, so that no branch separates a fence from its wgmmas.
     auto main_loop = [&](auto& d) {
@@ -413,9 +417,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
         if (u > 0 && lane == 0 && done % WARPS == WARPS - 1 && u - 1 + S < n_iter) {
           const int kv = kt - 1 + S, sv = (u - 1) & (S - 1);  // == (u - 1 + S) % S
           if (kv < kn)
-            issue_at(sv, kb + kv, n0, tk0);
+            issue_at(sv, kb + kv, n0, tk0, half_unit);
           else if (kv < kn + kn_next)
-            issue_at(sv, kb_next + kv - kn, n0_next, tk0_next);
+            issue_at(sv, kb_next + kv - kn, n0_next, tk0_next, halves > 1 && j + 1 >= n_whole);
           else
             issue(u - 1 + S);  // units under 3 k-tiles: the copy is two or more units ahead
         }
@@ -433,7 +437,6 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       load_up(ua, up, n_lo, n_hi, R, 0, tq);
       wgmma_wait<0>();
     };
-    const bool half_unit = halves > 1 && j >= n_whole;
     if (half_unit) {
       // Each path drains its own wgmmas: with one drain after the two paths join, ptxas
       // serializes every wgmma of the kernel (C7515).
@@ -618,9 +621,20 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
                       const void* act, const void* up, int R, const void* bias, void* y, int M,
                       int N, int K, int* work, cudaStream_t stream) {
   using namespace svdq;
+  // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles; a
+  // short last wave's tiles split into k-ranges or token halves, one more unit for the first
+  // CTAs (split_plan)
+  const int tiles = gemm_tiles(M, N), sms = sm_count();
+  const WavePlan plan = split_plan(M, N, K, sms);
+  const int full = plan.full_tiles, splits = plan.splits;
   CUtensorMap tc, tw, tm;
   int rc = make_map<2>(&tc, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
                        {(cuuint32_t)H_BK, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_128B);
+  // a token half's codes: 128 token rows a box. Unused without token halves.
+  CUtensorMap th{};
+  if (!rc && plan.halves > 1)
+    rc = make_map<2>(&th, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
+                     {(cuuint32_t)H_BK, (cuuint32_t)(H_BT / 2)}, CU_TENSOR_MAP_SWIZZLE_128B);
   if (!rc)
     rc = make_map<3>(&tw, qweight, {32, (cuuint64_t)N, (cuuint64_t)(K / 64)},
                      {(cuuint64_t)(K / 2), 32}, {32, (cuuint32_t)H_BN, 2},
@@ -638,11 +652,6 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   cudaError_t e = cudaFuncSetAttribute(gemm_sm90_kernel<T>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
   if (e != cudaSuccess) return (int)e;
-  // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles;
-  // a short last wave's tiles split into k-ranges, one more unit for the first CTAs (split_plan)
-  const int tiles = gemm_tiles(M, N), sms = sm_count();
-  const WavePlan plan = split_plan(M, N, K, sms);
-  const int full = plan.full_tiles, splits = plan.splits;
   int grid = sms;
   if (grid <= 0 || full < grid) grid = full;
   int* arrived = nullptr;
@@ -654,7 +663,7 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   }
   // PDL (csrc/launch.cuh) only right behind the activation kernel: behind the memset the
   // attribute would relate to no kernel
-  return (int)launch(gemm_sm90_kernel<T>, grid, H_THREADS, H_SMEM, stream, splits == 1, tc, tw,
+  return (int)launch(gemm_sm90_kernel<T>, grid, H_THREADS, H_SMEM, stream, splits == 1, tc, th, tw,
                      tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N,
                      K, full, splits, plan.halves, work, arrived);
 }
