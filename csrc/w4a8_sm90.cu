@@ -48,7 +48,8 @@
 // the unsplit plan, 5 interleaved rounds (run 58): mlp_fc2 1.14-1.18x, single_out 1.15-1.18x at
 // 4608 tokens (a second launch for the ranges, run 55: 1.12x / 1.16x). Ranges of 8 k-tiles do
 // not pay (proj 0.99x, mlp_fc1 0.99x; K = 3072's tiles are short, and a lone last wave runs
-// faster than a full one).
+// faster than a full one). Tiles too short for ranges are split into two token halves of 128
+// tokens instead, on m64n128 wgmmas: qkv at 1024 tokens 1.05x (runs 100-101).
 //
 // Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
 // landed (mbarrier transaction count). A warp that has finished the wgmmas reading a stage adds
