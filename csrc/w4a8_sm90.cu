@@ -318,8 +318,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     tk0 = (t / n_tiles_n) * BT + half * (BT / 2);
   };
   // k-tile kt of the output tile (n0, tk0) into stage s
-  // (a token half copies 128 token rows of codes: with the whole tile's 256 its k-tiles, half
-  // the MMAs, waited for the copies and ran as long as whole tiles, run 100)
+  // (a token half copies only the 128 token rows of codes that its m64n128 wgmmas read)
   auto issue_at = [&](int s, int kt, int n0, int tk0, bool half) {
     uint8_t* st = smem + s * H_STAGE;
     mbar_expect_tx(&full[s], half ? H_TX - (H_BT / 2) * H_BK : H_TX);
