@@ -250,9 +250,10 @@ GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
                # a short last wave split into k-ranges on a 132-SM H200 (test_gemm_split_plan):
                # 3 ranges of 32 k-tiles with a partial last token tile, 8 ranges of 16, and 2 of
                # 16 with a K % 128 == 64 tail; into token halves: 4608 x 3072 x 3072 above, 333 x
-               # 3072 x 9216 above (the second halves wholly past M), and a second half that
-               # ends past M
-               (4500, 12288, 3072), (4352, 16384, 4096), (300, 4032, 17408), (4500, 3072, 3072)]
+               # 3072 x 9216 above (the second halves wholly past M), a second half that ends
+               # past M, and a K % 128 == 64 tail
+               (4500, 12288, 3072), (4352, 16384, 4096), (300, 4032, 17408), (4500, 3072, 3072),
+               (333, 3136, 9216)]
 
 
 def test_gemm_split_plan():
@@ -267,6 +268,7 @@ def test_gemm_split_plan():
     assert plan(4608, 3072, 15360, 132) == (3, 1, 396)  # single_out at 4608 tokens
     assert plan(4608, 3072, 3072, 132) == (1, 2, 396)   # 24 k-tiles: ranges too short, halves
     assert plan(333, 9216, 3072, 132) == (1, 2, 132)    # 144 tiles: 12 left
+    assert plan(333, 9216, 3136, 132) == (1, 2, 132)    # the same with 25 k-tiles
     assert plan(4608, 9216, 3072, 132) == (1, 1, 1296)  # 108 left: the last wave is 82% full
     assert plan(256, 3072, 12288, 132) == (1, 1, 24)    # fewer tiles than SMs
     assert plan(4500, 3072, 6016, 132) == (1, 2, 396)   # 47 k-tiles: no range count divides
