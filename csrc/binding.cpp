@@ -175,7 +175,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             svdq_w4a8_gemm_split_plan((int)M, (int)N, (int)K, (int)sms, &halves, &full);
         return py::make_tuple(splits, halves, full);
       }, "the wgmma GEMM's wave plan on `sms` SMs: (k-ranges per tile of the last wave, token "
-      "halves per tile of the last wave, tiles in full waves)", py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"));
+      "halves per tile of the last wave, tiles in full waves)",
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"));
   m.attr("MAX_K") = MAX_K;
 #ifdef SVDQ_SM90A
   m.attr("WGMMA") = true;   // built for sm_90a: gemm variant 2 exists

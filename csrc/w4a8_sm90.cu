@@ -293,7 +293,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   const bool has_tail = parts > 1 && (int)blockIdx.x < (n_tiles - full_tiles) * parts;
   const int my_tiles = n_whole + has_tail;
   if (my_tiles <= 0) return;  // the launcher never makes more CTAs than tiles; cheap to be sure
-  const int n_iter = n_whole * KT + (has_tail ? KT / splits : 0);
+  const int n_iter = n_whole * KT + (has_tail ? KTR : 0);
+  auto is_half = [&](int j) { return halves > 1 && j >= n_whole; };  // unit j is a token half
   uint8_t* slab = smem + H_ACT;
   // the epilogue's per-token sx and sumq, copied (cp.async) when the tile starts, so that the
   // epilogue reads shared memory: from global memory they waited ~4% of the GEMM (ncu, run 45)
@@ -311,7 +312,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     if (j >= n_whole) {  // the tail unit: unit blockIdx.x of the split tiles
       t = full_tiles + (int)blockIdx.x / parts;
       kb = ((int)blockIdx.x % splits) * KTR;
-      kn = KT / splits;
+      kn = KTR;
       half = halves > 1 ? (int)blockIdx.x % 2 : 0;
     }
     n0 = (t % n_tiles_n) * BN;
@@ -330,7 +331,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     const int j = u < n_whole * KT ? u / KT : n_whole;  // the range starts at n_whole * KT
     int n0, tk0, kb, kn;
     tile_of(j, n0, tk0, kb, kn);
-    issue_at(u % S, kb + u - j * KT, n0, tk0, halves > 1 && j >= n_whole);
+    issue_at(u % S, kb + u - j * KT, n0, tk0, is_half(j));
   };
   auto issue_slab = [&](int tk0, int r0) {
     mbar_expect_tx(act_full, H_ACT_BYTES);
@@ -383,7 +384,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     }
     int acc[NT][4];
 
-    const bool half_unit = halves > 1 && j >= n_whole;
+    const bool half_unit = is_half(j);
     // The main loop on m64n256 wgmmas, or on m64n128 for a token half (the first 128 token rows
     // of each codes tile): two copies of it, so that no branch separates a fence from its wgmmas.
     auto main_loop = [&](auto& d) {
@@ -419,7 +420,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
           if (kv < kn)
             issue_at(sv, kb + kv, n0, tk0, half_unit);
           else if (kv < kn + kn_next)
-            issue_at(sv, kb_next + kv - kn, n0_next, tk0_next, halves > 1 && j + 1 >= n_whole);
+            issue_at(sv, kb_next + kv - kn, n0_next, tk0_next, is_half(j + 1));
           else
             issue(u - 1 + S);  // units under 3 k-tiles: the copy is two or more units ahead
         }
