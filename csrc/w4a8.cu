@@ -70,17 +70,19 @@ namespace svdq {
 // 1. Activation kernel
 // =============================================================================================
 // One block = TM (16, or 8 for small M) tokens x all of K, 8 warps. Phases:
-//   B (branch + absmax), straight from global memory into registers: no shared-memory staging,
-//     no barrier in the loop. Warp w takes the k-slices [32j, 32j + 32) with j = w mod 8 and
-//     computes x . down^T for its slices on the 16-bit tensor cores (m16n8k16: tokens = M side,
-//     ranks = N side, fp32). The order of k inside an MMA is free as long as A and B agree, so
-//     lane (g, tq) reads 16 bytes, k = 32j + 8tq .. +7, of token rows g and g+8 (A) and of rank
-//     rows g + 8n (B), and feeds elements 0-3 to the first k16 step (slots 2tq, 2tq+1, 8+2tq,
-//     9+2tq) and 4-7 to the second: every operand is one 16-byte load, no shuffles. The same x
-//     values give the running max of |x * inv_smooth| for the two rows. Ranks go 64 (8 n8 tiles)
-//     per pass; more than 64 (LoRA-extended branches) take further passes, which re-read x
-//     from L2. The eight warps' partial sums meet in shared memory and are added in warp order
-//     (deterministic, no atomics), then scaled by rank_scale and rounded once to T.
+//   B (branch + absmax), straight from global memory into registers: no shared-memory
+//     staging, no barrier in the loop. Warp w takes the k-slices [32j, 32j + 32) with j = w mod
+//     8 and computes x . down^T for its slices on the 16-bit tensor cores (m16n8k16: tokens = M
+//     side, ranks = N side, fp32). The order of k inside an MMA is free as long as A and B
+//     agree, so lane (g, tq) reads 16 bytes, k = 32j + 8tq .. +7, of token rows g and g+8 (A)
+//     and of rank rows g + 8n (B), and feeds elements 0-3 to the first k16 step (slots 2tq,
+//     2tq+1, 8+2tq, 9+2tq) and 4-7 to the second: no shuffles; only the A fragments, which pair
+//     rows g and g+8, cost register moves (run 106: 0.8 M of act_stats_kernel's 4.2 M
+//     instructions at 4608 x 3072, rank 32). The same x values give the running max of
+//     |x * inv_smooth| for the two rows. Ranks go 64 (8 n8 tiles) per pass; more than 64
+//     (LoRA-extended branches) take further passes, which re-read x from L2. The eight warps'
+//     partial sums meet in shared memory and are added in warp order (deterministic, no
+//     atomics), then scaled by rank_scale and rounded once to T.
 //   C (quantize): warp w quantizes rows w and w+8 together, ACT_CB chunks of 8 values per row in
 //     flight (the re-read of the block's rows hits L2 unless K is large), code = rint(xs * rcp)
 //     with rcp = RN(1/scale) (quantize_chunk), stored in the permuted order P(j); the code sum
@@ -358,7 +360,8 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 // wave) 13-44% slower.
 // Loading x and `down` into registers, not through shared memory, is measured: persistent
 // variants that stage them by cp.async or TMA and read fragments by ldmatrix were correct and
-// 1.3-2.4x slower (bench/NOTES.md, runs 90-96; the cause not isolated).
+// 1.3-2.4x slower (bench/NOTES.md, runs 90-96; the cause not isolated); staging only `down`, once
+// per 128 tokens, was no faster at rank 32 and slower at rank 0 (run 108).
 // Workspace (fp32, the binding allocates it): amax_part [M][KC], branch_part [M][KC][R16].
 constexpr int STATS_WARPS = 4;
 constexpr int STATS_THREADS = STATS_WARPS * 32;
