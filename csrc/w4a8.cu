@@ -60,6 +60,7 @@
 // ---------------------------------------------------------------------------------------------
 
 #include <cfloat>
+#include <type_traits>
 
 #include "common.cuh"
 #include "launch.cuh"
@@ -97,6 +98,10 @@ constexpr int ACT_WARPS = 8;
 constexpr int ACT_THREADS = ACT_WARPS * 32;
 constexpr int ACT_RCHUNK = 64;   // ranks per pass: 8 n8 tiles, 32 fp32 accumulators per lane
 constexpr int ACT_CB = 4;        // phase C: chunks of 8 values per lane and row in flight
+// Two blocks per SM, which the backend's wave count assumes (act_variant_for). Unbounded, ptxas
+// gives the fp16 16-token kernel 140 registers on sm_90a (one block per SM); bf16 takes 128
+// unbounded and spills when bounded, so only fp16 carries the bound.
+template <typename T> constexpr int ACT_MIN_BLOCKS = std::is_same<T, __half>::value ? 2 : 0;
 
 // Phase C's quantizer for one 8-value chunk: code = rint(xs * rcp), rcp = RN(1/scale), exactly
 // as quant.quantize_act (svdq/quant.py). Adding 1.5 * 2^23 rounds to the nearest integer, ties to
@@ -244,7 +249,7 @@ __device__ __forceinline__ void quantize_rows(const T* __restrict__ xa, const T*
 }
 
 template <typename T, int TM>
-__global__ void __launch_bounds__(ACT_THREADS)
+__global__ void __launch_bounds__(ACT_THREADS, ACT_MIN_BLOCKS<T>)
 act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const T* __restrict__ down,
            const float* __restrict__ rank_scale, int M, int K, int R, int8_t* __restrict__ codes,
            float* __restrict__ sx, int* __restrict__ sumq, T* __restrict__ act) {
