@@ -373,6 +373,19 @@ constexpr int STATS_THREADS = STATS_WARPS * 32;
 constexpr int STATS_MT = 2;                       // m16 tiles per block: each down load serves 32 tokens
 constexpr int STATS_TOKENS = 16 * STATS_MT;
 constexpr int STATS_RCHUNK = 32;                  // ranks per pass: 4 n8 tiles, 32 accumulators
+// Four blocks per SM: at 4608 tokens and K = 3072 the grid (432 blocks) is then one wave (0.82
+// on 132 SMs, 0.84 on 128); at three per SM it takes 1.09 waves and the kernel ~1.45x as long
+// (run 107, 141 registers). Unbounded, ptxas gives 132 registers to fp16 on sm_90a and 134 to
+// both dtypes on sm_86 / sm_89 (three blocks per SM); bf16 on sm_90a gets 128 unbounded and a
+// bound changes its code, so it stays as measured. Bounded: 128, no spills on sm_80-89 (not
+// measured on those GPUs), 8 bytes for fp16 on sm_90a (run 111).
+template <typename T>
+constexpr int STATS_MIN_BLOCKS =
+#ifdef SVDQ_SM90A
+    std::is_same<T, __half>::value ? 4 : 0;
+#else
+    4;
+#endif
 constexpr int QUANT_WARPS = 8;                    // 16 rows per block, two per warp
 constexpr int QUANT_THREADS = QUANT_WARPS * 32;
 
@@ -384,7 +397,7 @@ __host__ __device__ inline int act_chunks(int K) { return (K + act_chunk(K) - 1)
 
 // grid (KC chunks, ceil(M / 32) token tiles): the chunks of one tile run side by side
 template <typename T>
-__global__ void __launch_bounds__(STATS_THREADS)
+__global__ void __launch_bounds__(STATS_THREADS, STATS_MIN_BLOCKS<T>)
 act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
                  const T* __restrict__ down, int M, int K, int R, int chunk,
                  float* __restrict__ amax_part, float* __restrict__ branch_part) {
