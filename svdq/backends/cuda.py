@@ -116,8 +116,9 @@ class CudaBackend:
     def act_variant_for(self, m: int, device=None) -> int:
         """The activation kernel for M tokens: act_variant if set, else by token count.
 
-        act_kernel runs two 16-token blocks per SM (128 registers). Up to 512 tokens its 8-token
-        blocks win (more blocks in flight). Above one wave, when the last wave of blocks is at
+        act_kernel runs two 16-token blocks per SM (128 registers; fp16 is held there by its
+        launch bound, csrc/w4a8.cu ACT_MIN_BLOCKS). Up to 512 tokens its 8-token blocks win
+        (more blocks in flight). Above one wave, when the last wave of blocks is at
         most a quarter full (288 blocks on 264 slots at 4608 tokens: 9%), the SMs idle through
         most of a block's time and the split kernels, whose blocks are a fraction of a row, win
         at K >= 12288 and tie at 3072; with the last wave fuller, act_kernel reads x once from
