@@ -100,7 +100,8 @@ constexpr int ACT_RCHUNK = 64;   // ranks per pass: 8 n8 tiles, 32 fp32 accumula
 constexpr int ACT_CB = 4;        // phase C: chunks of 8 values per lane and row in flight
 // Two blocks per SM, which the backend's wave count assumes (act_variant_for). Unbounded, ptxas
 // gives the fp16 16-token kernel 140 registers on sm_90a (one block per SM); bf16 takes 128
-// unbounded and spills when bounded, so only fp16 carries the bound.
+// unbounded and spills when bounded, so only fp16 carries the bound. 0 = no minimum, as if
+// unbounded (an explicit 1 is not: ptxas then takes 168 registers for bf16).
 template <typename T> constexpr int ACT_MIN_BLOCKS = std::is_same<T, __half>::value ? 2 : 0;
 
 // Phase C's quantizer for one 8-value chunk: code = rint(xs * rcp), rcp = RN(1/scale), exactly
