@@ -353,7 +353,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 //   act_stats_kernel  block = 32 tokens x one k-chunk (act_chunk: 1024 or 2048 values): the
 //                     chunk's |x * inv_smooth| maxima and its share of x . down^T, as fp32
 //                     partials in global memory; many short blocks, no long last wave.
-//   act_quant_kernel  warp = two token rows: the row maxima from the chunk maxima (max is
+//   act_quant_kernel  warp = one token row: the row maxima from the chunk maxima (max is
 //                     order-free: sx and the codes equal act_kernel's bit for bit), the branch
 //                     activation from the chunk partials added in chunk order (deterministic;
 //                     another fp32 order than act_kernel's, held to the same bound by the
@@ -387,7 +387,7 @@ constexpr int STATS_MIN_BLOCKS =
 #else
     4;
 #endif
-constexpr int QUANT_WARPS = 8;                    // 16 rows per block, two per warp
+constexpr int QUANT_WARPS = 4;                    // rows per block, one per warp
 constexpr int QUANT_THREADS = QUANT_WARPS * 32;
 
 // k-chunk per act_stats_kernel block: a multiple of STATS_WARPS * 32. Measured best of 512 /
@@ -498,10 +498,14 @@ __device__ __forceinline__ void branch_row(const float* __restrict__ branch_part
   }
 }
 
-// __launch_bounds__(.., 3): 80 registers, three blocks per SM; without a minimum ptxas chose 48
-// registers and issued the quantize loop's loads one chunk at a time
+// One row per warp, four-warp blocks in reverse token order. __launch_bounds__(.., 10): 48
+// registers, ten blocks per SM, so the 1152 blocks of 4608 tokens are one wave (0.87 on 132
+// SMs; sm_80 spills 4 bytes at 48, compile-checked only). Against two rows per warp in 8-warp
+// blocks (80 registers, 2.2 blocks per SM at 4608 tokens) the pair is 2-3% faster at 4608
+// tokens, rank 32 (runs 113-114); 6 or 8 chunks per lane in flight, 64 registers, or the first
+// chunks of x requested before the scale's and branch's loads were no faster or slower.
 template <typename T>
-__global__ void __launch_bounds__(QUANT_THREADS, 3)
+__global__ void __launch_bounds__(QUANT_THREADS, 10)
 act_quant_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
                  const float* __restrict__ rank_scale, int M, int K, int R, int KC,
                  const float* __restrict__ amax_part, const float* __restrict__ branch_part,
@@ -509,29 +513,17 @@ act_quant_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
                  T* __restrict__ act) {
   griddep_wait();  // the partials come from act_stats_kernel, launched just before
   griddep_launch();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int ta = (gridDim.x - 1 - blockIdx.x) * 16 + warp, tb = ta + 8;
-  if (ta >= M) return;
-  const bool has_b = tb < M;
-  if (R) {  // first: its loads go out with the chunk maxima's
-    branch_row<T>(branch_part, rank_scale, ta, KC, R, lane, act);
-    if (has_b) branch_row<T>(branch_part, rank_scale, tb, KC, R, lane, act);
-  }
-  float scale_a, scale_b = 0.f;
-  const float rcp_a = row_rcp(amax_part, ta, KC, lane, scale_a);
-  const float rcp_b = has_b ? row_rcp(amax_part, tb, KC, lane, scale_b) : 0.f;
-  if (lane == 0) {
-    sx[ta] = scale_a;
-    if (has_b) sx[tb] = scale_b;
-  }
-  int sum_a, sum_b;
-  quantize_rows<T, true>(x + (size_t)ta * K, x + (size_t)(has_b ? tb : ta) * K,
-                         codes + (size_t)ta * K, codes + (size_t)tb * K, has_b, inv_smooth, rcp_a,
-                         rcp_b, K, lane, sum_a, sum_b);
-  if (lane == 0) {
-    sumq[ta] = sum_a;
-    if (has_b) sumq[tb] = sum_b;
-  }
+  const int lane = threadIdx.x % 32;
+  const int t = (gridDim.x - 1 - blockIdx.x) * QUANT_WARPS + threadIdx.x / 32;
+  if (t >= M) return;
+  if (R) branch_row<T>(branch_part, rank_scale, t, KC, R, lane, act);  // its loads go out first
+  float scale;
+  const float rcp = row_rcp(amax_part, t, KC, lane, scale);
+  if (lane == 0) sx[t] = scale;
+  int sum, none;
+  quantize_rows<T, false>(x + (size_t)t * K, x + (size_t)t * K, codes + (size_t)t * K, nullptr,
+                          false, inv_smooth, rcp, 0.f, K, lane, sum, none);
+  if (lane == 0) sumq[t] = sum;
 }
 
 // =============================================================================================
@@ -700,7 +692,8 @@ static cudaError_t launch_act_split(const void* x, int M, int K, const float* in
                                false, (const T*)x, inv_smooth, (const T*)down, M, K, R, chunk,
                                amax_part, branch_part);
   if (e != cudaSuccess) return e;
-  return svdq::launch(svdq::act_quant_kernel<T>, (M + 15) / 16, svdq::QUANT_THREADS, 0, stream,
+  return svdq::launch(svdq::act_quant_kernel<T>, (M + svdq::QUANT_WARPS - 1) / svdq::QUANT_WARPS,
+                      svdq::QUANT_THREADS, 0, stream,
                       true, (const T*)x, inv_smooth, rank_scale, M, K, R, KC,
                       (const float*)amax_part, (const float*)branch_part, codes, sx, sumq,
                       (T*)act);
