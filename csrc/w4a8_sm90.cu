@@ -46,10 +46,11 @@
 // exact int32 sums, and the last range of a tile to finish adds the others' and runs the
 // epilogue (split_plan; integer sums, so the bits do not depend on the order). Measured against
 // the unsplit plan, 5 interleaved rounds (run 58): mlp_fc2 1.14-1.18x, single_out 1.15-1.18x at
-// 4608 tokens (a second launch for the ranges, run 55: 1.12x / 1.16x). Ranges of 8 k-tiles do
-// not pay (proj 0.99x, mlp_fc1 0.99x; K = 3072's tiles are short, and a lone last wave runs
-// faster than a full one). Tiles too short for ranges are split into two token halves of 128
-// tokens instead, on m64n128 wgmmas: qkv at 1024 tokens 1.05x (runs 100-101).
+// 4608 tokens (a second launch for the ranges, run 55: 1.12x / 1.16x). Ranges of 8 or 4 k-tiles
+// do not pay (proj 0.99x, runs 58, 116): at K = 3072 a CTA's fourth unit costs ~16 us whatever
+// it holds, a cause not yet found (docs/kernels.md). Tiles too short for ranges are split into
+// two token halves of 128 tokens instead, on m64n128 wgmmas: qkv at 1024 tokens 1.05x (runs
+// 100-101).
 //
 // Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
 // landed (mbarrier transaction count). A warp that has finished the wgmmas reading a stage adds
@@ -554,18 +555,25 @@ static int gemm_tiles(int M, int N) {
 // when the tile has k-tiles enough (36 tiles x 3 ranges run on 108 SMs for a third of the time),
 // otherwise into two token halves of 128 tokens (72 half tiles, each half a tile's MMAs).
 struct WavePlan {
+  int tiles;       // output tiles in all
   int full_tiles;  // tiles of the full waves, walked whole
   int splits;      // k-ranges per tile of the last wave (1: none)
   int halves;      // token halves per tile of the last wave (1: none); splits or halves is 1
+  // The split GEMM's int32 workspace: the k-ranges' sums [rest tiles][splits][H_PART], then one
+  // arrival counter per split tile (zeroed before each launch). Empty without k-ranges.
+  long long sums_words() const {
+    return splits > 1 ? (long long)(tiles - full_tiles) * splits * svdq::H_PART : 0;
+  }
+  long long workspace_words() const { return splits > 1 ? sums_words() + tiles - full_tiles : 0; }
 };
 static WavePlan split_plan(int M, int N, int K, int sms) {
   using namespace svdq;
   const int tiles = gemm_tiles(M, N), KT = (K + H_BK - 1) / H_BK;
-  WavePlan p{tiles, 1, 1};
+  WavePlan p{tiles, tiles, 1, 1};
   if (sms <= 0 || tiles <= sms) return p;
   const int rest = tiles % sms;
   if (rest == 0 || 2 * rest > sms) return p;  // the last wave is at least half full
-  // ranges of at least 16 k-tiles: ranges of 8 lost or broke even (proj, mlp_fc1: 0.99x, run 58)
+  // ranges of at least 16 k-tiles: ranges of 8 or 4 lost or broke even (proj, mlp_fc1: runs 58, 116)
   for (int s = 2; s * rest <= sms && KT / s >= 16; ++s)
     if (KT % s == 0) p.splits = s;
   if (p.splits == 1) p.halves = 2;  // 2 * rest <= sms
@@ -625,7 +633,7 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles; a
   // short last wave's tiles split into k-ranges or token halves, one more unit for the first
   // CTAs (split_plan)
-  const int tiles = gemm_tiles(M, N), sms = sm_count();
+  const int sms = sm_count();
   const WavePlan plan = split_plan(M, N, K, sms);
   const int full = plan.full_tiles, splits = plan.splits;
   CUtensorMap tc, tw, tm;
@@ -657,9 +665,8 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   if (grid <= 0 || full < grid) grid = full;
   int* arrived = nullptr;
   if (splits > 1) {
-    const int rest = tiles - full;
-    arrived = work + (size_t)rest * splits * H_PART;
-    e = cudaMemsetAsync(arrived, 0, rest * sizeof(int), stream);
+    arrived = work + plan.sums_words();
+    e = cudaMemsetAsync(arrived, 0, (plan.tiles - full) * sizeof(int), stream);
     if (e != cudaSuccess) return (int)e;
   }
   // PDL (csrc/launch.cuh) only right behind the activation kernel: behind the memset the
@@ -675,11 +682,7 @@ long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K) {
 #ifndef SVDQ_SM90A
   return 0;
 #else
-  using namespace svdq;
-  const WavePlan p = split_plan(M, N, K, sm_count());
-  if (p.splits == 1) return 0;
-  const int rest = gemm_tiles(M, N) - p.full_tiles;
-  return (long long)rest * p.splits * H_PART + rest;
+  return split_plan(M, N, K, svdq::sm_count()).workspace_words();
 #endif
 }
 
