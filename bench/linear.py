@@ -1,11 +1,13 @@
 """One linear layer at FLUX shapes: cuBLAS bf16, fp8 _scaled_mm with dynamic activation
 quantization, and our fused W4A8 layer (activation kernel included) at rank 0 and rank 32.
 
-    python bench/linear.py [--m 1024 4608 8192] [--json out.json]
+    python bench/linear.py [--m 1024 4608 8192] [--dtype bf16|fp16] [--json out.json]
 
 Median of triton.testing.do_bench (CUDA events) after warm-up, random data, all in one run, so
 the ratios compare like with like. TFLOP/s counts 2*M*N*K for every method (the branch's extra
-2*M*R*(K+N) is not counted as useful work).
+2*M*R*(K+N) is not counted as useful work). --dtype sets the activations', outputs' and
+branch's 16-bit type and the cuBLAS baseline's (bf16 by default, which the README's figures use);
+the tables call the baseline by that name, the JSON rows under the key "bf16" either way.
 """
 from __future__ import annotations
 
@@ -65,8 +67,11 @@ def layer_bytes(layer, prep):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, nargs="+", default=[1024, 4608, 8192])
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    base = args.dtype   # the baseline's label in the tables
 
     from svdq import build
     from svdq.backends.cuda import CudaBackend
@@ -79,21 +84,21 @@ def main():
     torch.manual_seed(0)
     rows, mem = [], []
     for name, k, n in SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+        w = torch.randn(n, k, device="cuda", dtype=dt) * k ** -0.5
         w8 = w.to(torch.float8_e4m3fn)
         wscale = torch.ones((), device="cuda")
-        layers = {r: make_layer(k, n, r) for r in (0, 32)}
+        layers = {r: make_layer(k, n, r, dt) for r in (0, 32)}
         preps = {r: be.prepare(layers[r]) for r in (0, 32)}
         kb, sb = layer_bytes(layers[32], preps[32])
         mem.append((name, k, n, kb / (n * k), (kb + sb) / (n * k)))
         for m in args.m:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=dt)
 
             def fp8():
                 s = (x.abs().amax().float() / 448.0).clamp_min(1e-12)
                 xq = (x / s).to(torch.float8_e4m3fn)
                 return torch._scaled_mm(xq, w8.t(), scale_a=s, scale_b=wscale,
-                                        out_dtype=torch.bfloat16)
+                                        out_dtype=dt)
 
             t = {"bf16": bench(lambda: torch.nn.functional.linear(x, w)), "fp8": bench(fp8)}
             for r in (0, 32):
@@ -104,10 +109,10 @@ def main():
             codes = torch.empty(m, k, dtype=torch.int8, device="cuda")
             sx = torch.empty(m, device="cuda")
             sq = torch.empty(m, dtype=torch.int32, device="cuda")
-            act = torch.empty(m, 32, dtype=torch.bfloat16, device="cuda")
+            act = torch.empty(m, 32, dtype=dt, device="cuda")
             br = be._branch(layers[32], pr)
-            down, up = br["down"][torch.bfloat16], br["up"][torch.bfloat16]
-            y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            down, up = br["down"][dt], br["up"][dt]
+            y = torch.empty(m, n, dtype=dt, device="cuda")
             for v in ACT_VARIANTS:
                 t[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
                     x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act, v))
@@ -121,10 +126,11 @@ def main():
             t["gemm32"] = t[f"gemm32v{gv}"]
             t["gemm_variant"] = gv
             flop = 2.0 * m * n * k
-            rows.append(dict(name=name, m=m, k=k, n=n, flop=flop, **t))
+            rows.append(dict(name=name, m=m, k=k, n=n, flop=flop, dtype=args.dtype, **t))
             r = rows[-1]
             print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
-                f"{key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF" for key in
+                f"{base if key == 'bf16' else key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF"
+                for key in
                 ("bf16", "fp8", "r0", "r32") + tuple(f"act32v{v}" for v in ACT_VARIANTS)
                 + tuple(f"gemm32v{v}" for v in gemm_variants)) + f"  (layer gemm v{gv})",
                 flush=True)
@@ -135,8 +141,9 @@ def main():
     for name, k, n, b1, b2 in mem:
         print(f"{name:10s} {k:5d}->{n:5d}  {b1:.4f} B/weight  ({b2:.4f} with wscales)")
 
-    print("\n## Summary: median ms, TFLOP/s (2MNK), speed vs cuBLAS bf16")
-    hdr = "| M | layer | K->N | bf16 ms | TF/s | fp8+q ms | x bf16 | ours r0 ms | TF/s | x bf16 | ours r32 ms | TF/s | x bf16 | r32/r0 | act r32 ms | gemm r32 ms |"
+    print(f"\n## Summary: median ms, TFLOP/s (2MNK), speed vs cuBLAS {base}")
+    hdr = (f"| M | layer | K->N | {base} ms | TF/s | fp8+q ms | x {base} | ours r0 ms | TF/s | "
+           f"x {base} | ours r32 ms | TF/s | x {base} | r32/r0 | act r32 ms | gemm r32 ms |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
@@ -149,7 +156,7 @@ def main():
     for m in args.m:
         sel = [r for r in rows if r["m"] == m]
         gm = lambda key: math.exp(sum(math.log(r["bf16"] / r[key]) for r in sel) / len(sel))
-        print(f"geomean x bf16 at M={m}: fp8+q {gm('fp8'):.2f}  ours r0 {gm('r0'):.2f}  "
+        print(f"geomean x {base} at M={m}: fp8+q {gm('fp8'):.2f}  ours r0 {gm('r0'):.2f}  "
               f"ours r32 {gm('r32'):.2f}  (gemm alone r32: "
               + ", ".join(f"variant {v} {gm(f'gemm32v{v}'):.2f}" for v in gemm_variants)
               + f"; as the layer picks {gm('gemm32'):.2f}, variants "
