@@ -48,7 +48,8 @@
 // the unsplit plan, 5 interleaved rounds (run 58): mlp_fc2 1.14-1.18x, single_out 1.15-1.18x at
 // 4608 tokens (a second launch for the ranges, run 55: 1.12x / 1.16x). Ranges of 8 or 4 k-tiles
 // do not pay (proj 0.99x, runs 58, 116): at K = 3072 a CTA's fourth unit costs ~16 us whatever
-// it holds, a cause not yet found (docs/kernels.md). Tiles too short for ranges are split into
+// it holds (a range: main loop ~6 us, then the sums' stores, the last range's reads of them and
+// the epilogue; docs/kernels.md, run 118). Tiles too short for ranges are split into
 // two token halves of 128 tokens instead, on m64n128 wgmmas: qkv at 1024 tokens 1.05x (runs
 // 100-101).
 //
