@@ -501,7 +501,7 @@ __device__ __forceinline__ void branch_row(const float* __restrict__ branch_part
 // One row per warp, four-warp blocks in reverse token order. __launch_bounds__(.., 10): 48
 // registers, ten blocks per SM, so the 1152 blocks of 4608 tokens are one wave (0.87 on 132
 // SMs; sm_80 spills 4 bytes at 48, compile-checked only). Against two rows per warp in 8-warp
-// blocks (80 registers, 2.2 blocks per SM at 4608 tokens) the pair is 2-3% faster at 4608
+// blocks (80 registers, 2.2 blocks per SM at 4608 tokens) the pair is 1-3% faster at 4608
 // tokens, rank 32 (runs 113-114); 6 or 8 chunks per lane in flight, 64 registers, or the first
 // chunks of x requested before the scale's and branch's loads were no faster or slower.
 template <typename T>
