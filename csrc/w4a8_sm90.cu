@@ -560,12 +560,13 @@ struct WavePlan {
   int full_tiles;  // tiles of the full waves, walked whole
   int splits;      // k-ranges per tile of the last wave (1: none)
   int halves;      // token halves per tile of the last wave (1: none); splits or halves is 1
-  // The split GEMM's int32 workspace: the k-ranges' sums [rest tiles][splits][H_PART], then one
+  int tail_tiles() const { return tiles - full_tiles; }  // the last wave's, split or halved
+  // The split GEMM's int32 workspace: the k-ranges' sums [tail tiles][splits][H_PART], then one
   // arrival counter per split tile (zeroed before each launch). Empty without k-ranges.
   long long sums_words() const {
-    return splits > 1 ? (long long)(tiles - full_tiles) * splits * svdq::H_PART : 0;
+    return splits > 1 ? (long long)tail_tiles() * splits * svdq::H_PART : 0;
   }
-  long long workspace_words() const { return splits > 1 ? sums_words() + tiles - full_tiles : 0; }
+  long long workspace_words() const { return splits > 1 ? sums_words() + tail_tiles() : 0; }
 };
 static WavePlan split_plan(int M, int N, int K, int sms) {
   using namespace svdq;
@@ -667,7 +668,7 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   int* arrived = nullptr;
   if (splits > 1) {
     arrived = work + plan.sums_words();
-    e = cudaMemsetAsync(arrived, 0, (plan.tiles - full) * sizeof(int), stream);
+    e = cudaMemsetAsync(arrived, 0, plan.tail_tiles() * sizeof(int), stream);
     if (e != cudaSuccess) return (int)e;
   }
   // PDL (csrc/launch.cuh) only right behind the activation kernel: behind the memset the
