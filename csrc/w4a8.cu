@@ -127,13 +127,23 @@ __device__ __forceinline__ void quantize_chunk(uint4 v, float4 s0, float4 s1, fl
 
 __device__ __forceinline__ uint4 ld128(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
+// The maximum that keeps a NaN (PTX max.NaN, sm_80+; fmaxf drops it), for every per-token
+// absmax below: a token holding NaN or inf gets a NaN or inf scale, so its whole output row is
+// non-finite, as in the reference (torch's amax) and the 16-bit layer, instead of finite values
+// from codes of the finite rest. Same cost as fmaxf (one FMNMX).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 // max |x_e * s_e| over the 8 values of v (x.dtype) and s (fp32), fp32 products as the reference
 template <typename T>
 __device__ __forceinline__ float absmax8(uint4 v, float4 s0, float4 s1, float am) {
   const T* p = reinterpret_cast<const T*>(&v);
   const float s[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
 #pragma unroll
-  for (int e = 0; e < 8; ++e) am = fmaxf(am, fabsf(__fmul_rn(F16<T>::to_f(p[e]), s[e])));
+  for (int e = 0; e < 8; ++e) am = max_nan(am, fabsf(__fmul_rn(F16<T>::to_f(p[e]), s[e])));
   return am;
 }
 
@@ -308,8 +318,8 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   // per-token absmax: the four lanes of a row, then the eight warps (max is order-free)
 #pragma unroll
   for (int o = 1; o < 4; o <<= 1) {
-    am_lo = fmaxf(am_lo, __shfl_xor_sync(0xffffffffu, am_lo, o));
-    am_hi = fmaxf(am_hi, __shfl_xor_sync(0xffffffffu, am_hi, o));
+    am_lo = max_nan(am_lo, __shfl_xor_sync(0xffffffffu, am_lo, o));
+    am_hi = max_nan(am_hi, __shfl_xor_sync(0xffffffffu, am_hi, o));
   }
   if (tq == 0) {
     amax_w[warp][g] = am_lo;
@@ -319,7 +329,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
   if (tid < TM) {
     float am = amax_w[0][tid];
 #pragma unroll
-    for (int w = 1; w < ACT_WARPS; ++w) am = fmaxf(am, amax_w[w][tid]);
+    for (int w = 1; w < ACT_WARPS; ++w) am = max_nan(am, amax_w[w][tid]);
     const float scale = __fdiv_rn(am, 127.f);
     rcp_s[tid] = fminf(__frcp_rn(scale), FLT_MAX);  // scale 0 (a zero token): codes 0
     if (t0 + tid < M) sx[t0 + tid] = scale;
@@ -459,15 +469,15 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
   // the chunk's maxima: the four lanes of a row, then the warps
 #pragma unroll
   for (int i = 0; i < 2 * STATS_MT; ++i) {
-    am[i] = fmaxf(am[i], __shfl_xor_sync(0xffffffffu, am[i], 1));
-    am[i] = fmaxf(am[i], __shfl_xor_sync(0xffffffffu, am[i], 2));
+    am[i] = max_nan(am[i], __shfl_xor_sync(0xffffffffu, am[i], 1));
+    am[i] = max_nan(am[i], __shfl_xor_sync(0xffffffffu, am[i], 2));
     if (tq == 0) amax_w[warp][g + 8 * i] = am[i];
   }
   __syncthreads();
   if (tid < STATS_TOKENS && t0 + tid < M) {
     float m = amax_w[0][tid];
 #pragma unroll
-    for (int w = 1; w < STATS_WARPS; ++w) m = fmaxf(m, amax_w[w][tid]);
+    for (int w = 1; w < STATS_WARPS; ++w) m = max_nan(m, amax_w[w][tid]);
     amax_part[(size_t)(t0 + tid) * KC + c] = m;
   }
 }
@@ -477,9 +487,9 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
 __device__ __forceinline__ float row_rcp(const float* __restrict__ amax_part, int t, int KC,
                                          int lane, float& scale) {
   float m = 0.f;
-  for (int c = lane; c < KC; c += 32) m = fmaxf(m, amax_part[(size_t)t * KC + c]);
+  for (int c = lane; c < KC; c += 32) m = max_nan(m, amax_part[(size_t)t * KC + c]);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  for (int o = 16; o > 0; o >>= 1) m = max_nan(m, __shfl_xor_sync(0xffffffffu, m, o));
   scale = __fdiv_rn(m, 127.f);
   return fminf(__frcp_rn(scale), FLT_MAX);
 }

@@ -171,6 +171,36 @@ def test_activation_kernel(gen, m, k, rank, dtype, variant):
         assert not (over > 1).any(), f"branch activation beyond the bound: worst {float(over.max()):.3g}x"
 
 
+@pytest.mark.parametrize("rank", [0, 32])
+@pytest.mark.parametrize("variant", [0, 1, 2], ids=["tm16", "tm8", "split"])
+def test_nonfinite_token_rows(gen, rank, variant):
+    """A token holding NaN or inf gets a wholly non-finite output row, as in the reference and
+    the 16-bit layer, whatever the activation kernel: its scale is NaN or inf instead of coming
+    from its finite values (at rank 0 nothing else would carry the NaN). The other tokens keep
+    their bits."""
+    cuda, ref = _backends()
+    cuda.act_variant = variant
+    dtype = torch.bfloat16
+    m, k, n = 45, 3072, 256
+    layer = make_layer(gen, k, n, rank, dtype)
+    x = make_x(gen, m, k, dtype)
+    prep = cuda.prepare(layer)
+    clean = cuda.run(layer, prep, x)
+    bad = {3: float("nan"), 17: float("inf"), 30: float("-inf")}      # token -> value
+    xb = x.clone()
+    for t, v in bad.items():
+        xb[t, int(torch.randint(k, (1,), generator=gen))] = v
+    y = cuda.run(layer, prep, xb)
+    y_ref = ref.forward(layer, ref.prepare(layer), xb)
+    rows = torch.tensor(sorted(bad), device="cuda")
+    keep = torch.ones(m, dtype=torch.bool, device="cuda")
+    keep[rows] = False
+    assert not torch.isfinite(y_ref[rows]).any()
+    assert not torch.isfinite(y[rows]).any(), (
+        f"{int(torch.isfinite(y[rows]).sum())} finite outputs in tokens with NaN/inf input")
+    assert torch.equal(y[keep], clean[keep])
+
+
 def test_deterministic_and_poison(gen):
     """Two runs give identical bits; a NaN-poisoned output and NaN-filled allocator memory are
     overwritten completely (intermediates come from the caching allocator)."""

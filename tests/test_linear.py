@@ -33,6 +33,21 @@ def test_w4a8_reference_matches_float64(gen, m):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("rank", [0, 32])
+def test_nonfinite_token_rows_reference(gen, rank):
+    """The reference (which defines the kernels' numbers) turns a token holding NaN or inf into a
+    wholly non-finite output row, and leaves the other tokens as they were."""
+    layer = make_layer(gen, rank=rank)
+    layer.set_backend("reference")
+    x = torch.randn(9, 192, generator=gen)
+    clean = layer(x)
+    x[2, 5], x[6, 100] = float("nan"), float("inf")
+    y = layer(x)
+    assert not torch.isfinite(y[[2, 6]]).any()
+    keep = [0, 1, 3, 4, 5, 7, 8]
+    assert torch.equal(y[keep], clean[keep])
+
+
 def test_int_gemm_is_exact(gen):
     xq = torch.randint(-127, 128, (5, 3000), generator=gen).float()
     wq = torch.randint(-128, 113, (6, 3000), generator=gen).float()
