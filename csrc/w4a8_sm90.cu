@@ -84,7 +84,6 @@
 
 #include <cuda.h>          // CUtensorMap (types only: the encoder comes through cudart)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
-#include <type_traits>
 
 namespace svdq {
 
