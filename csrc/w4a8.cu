@@ -482,12 +482,19 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
   }
 }
 
+// A row's small inputs (its chunk maxima, branch partials and rank scales) all leave before any
+// of them is used: written as plain loops, the compiler issued them as four dependent round
+// trips to L2 at rank 32 (the first partial, the next ones, rank_scale, then the maxima after
+// the act stores), and each warp's chain is the kernel's time (one wave).
+constexpr int QUANT_KC = 8;  // chunks held in registers: K <= 16384 (act_chunk); more loop
+
 // The scale of row t from its chunk maxima, for a whole warp: sx = max / 127, rcp = RN(1/sx)
 // (the largest float when the row is zero: codes 0), as act_kernel and quant.quantize_act.
-__device__ __forceinline__ float row_rcp(const float* __restrict__ amax_part, int t, int KC,
-                                         int lane, float& scale) {
-  float m = 0.f;
-  for (int c = lane; c < KC; c += 32) m = max_nan(m, amax_part[(size_t)t * KC + c]);
+// m0 = this lane's chunk maximum (chunk `lane`, 0 past KC), loaded by the caller up front.
+__device__ __forceinline__ float row_rcp(float m0, const float* __restrict__ amax_part, int t,
+                                         int KC, int lane, float& scale) {
+  float m = m0;
+  for (int c = lane + 32; c < KC; c += 32) m = max_nan(m, amax_part[(size_t)t * KC + c]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = max_nan(m, __shfl_xor_sync(0xffffffffu, m, o));
   scale = __fdiv_rn(m, 127.f);
@@ -501,10 +508,18 @@ __device__ __forceinline__ void branch_row(const float* __restrict__ branch_part
                                            int R, int lane, T* __restrict__ act) {
   const float* p = branch_part + (size_t)t * KC * R;
   for (int r = lane; r < R; r += 32) {
-    float s = p[r];
-#pragma unroll 4
-    for (int c = 1; c < KC; ++c) s = __fadd_rn(s, p[(size_t)c * R + r]);
-    act[(size_t)t * R + r] = F16<T>::from_f(__fmul_rn(s, rank_scale[r]));
+    // unconditional loads (chunks past KC re-read the last one, from L1): predicated, the
+    // compiler put an add between the first two and the rest
+    float v[QUANT_KC];
+#pragma unroll
+    for (int c = 0; c < QUANT_KC; ++c) v[c] = p[min(c, KC - 1) * R + r];
+    const float rs = rank_scale[r];
+    float s = v[0];
+#pragma unroll
+    for (int c = 1; c < QUANT_KC; ++c)
+      if (c < KC) s = __fadd_rn(s, v[c]);
+    for (int c = QUANT_KC; c < KC; ++c) s = __fadd_rn(s, p[(size_t)c * R + r]);
+    act[(size_t)t * R + r] = F16<T>::from_f(__fmul_rn(s, rs));
   }
 }
 
@@ -526,9 +541,10 @@ act_quant_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
   const int lane = threadIdx.x % 32;
   const int t = (gridDim.x - 1 - blockIdx.x) * QUANT_WARPS + threadIdx.x / 32;
   if (t >= M) return;
-  if (R) branch_row<T>(branch_part, rank_scale, t, KC, R, lane, act);  // its loads go out first
+  const float m0 = lane < KC ? amax_part[(size_t)t * KC + lane] : 0.f;  // before branch_row's
+  if (R) branch_row<T>(branch_part, rank_scale, t, KC, R, lane, act);       // loads: one round trip
   float scale;
-  const float rcp = row_rcp(amax_part, t, KC, lane, scale);
+  const float rcp = row_rcp(m0, amax_part, t, KC, lane, scale);
   if (lane == 0) sx[t] = scale;
   int sum, none;
   quantize_rows<T, false>(x + (size_t)t * K, x + (size_t)t * K, codes + (size_t)t * K, nullptr,
