@@ -73,14 +73,10 @@ namespace svdq {
 // One block = TM (16, or 8 for small M) tokens x all of K, 8 warps. Phases:
 //   B (branch + absmax), straight from global memory into registers: no shared-memory
 //     staging, no barrier in the loop. Warp w takes the k-slices [32j, 32j + 32) with j = w mod
-//     8 and computes x . down^T for its slices on the 16-bit tensor cores (m16n8k16: tokens = M
-//     side, ranks = N side, fp32). The order of k inside an MMA is free as long as A and B
-//     agree, so lane (g, tq) reads 16 bytes, k = 32j + 8tq .. +7, of token rows g and g+8 (A)
-//     and of rank rows g + 8n (B), and feeds elements 0-3 to the first k16 step (slots 2tq,
-//     2tq+1, 8+2tq, 9+2tq) and 4-7 to the second: no shuffles; only the A fragments, which pair
-//     rows g and g+8, cost register moves (run 106: 0.8 M of act_stats_kernel's 4.2 M
-//     instructions at 4608 x 3072, rank 32). The same x values give the running max of
-//     |x * inv_smooth| for the two rows. Ranks go 64 (8 n8 tiles) per pass; more than 64
+//     8 and computes x . down^T for its slices on the 16-bit tensor cores (m16n8k16: ranks = M
+//     side, tokens = N side, fp32; branch_loop says why and how `down`'s branch layout makes
+//     every fragment one 16-byte load, with no shuffles and no register moves). The same x
+//     values give the running max of |x * inv_smooth| for the two rows. Ranks go 64 (4 m16 tiles) per pass; more than 64
 //     (LoRA-extended branches) take further passes, which re-read x from L2. The eight warps'
 //     partial sums meet in shared memory and are added in warp order (deterministic, no
 //     atomics), then scaled by rank_scale and rounded once to T.
@@ -92,11 +88,11 @@ namespace svdq {
 // chain of dependent loads and, at full occupancy, instruction issue (0.38 issued per scheduler
 // and cycle); phase C was 65% of the instructions and 58% of the stall samples until it batched
 // its loads and dropped the division-exact rounding (47 -> 35 us for 4608 x 3072, rank 32).
-// TM = tokens per block: 16 (one full m16 tile) or 8 (rows 8..15 of the m16 tile are zeros and
-// never loaded: twice the blocks for small M). Launcher variant 0 = 16, 1 = 8.
+// TM = tokens per block: 16 (two n8 token tiles) or 8 (one: twice the blocks for small M).
+// Launcher variant 0 = 16, 1 = 8.
 constexpr int ACT_WARPS = 8;
 constexpr int ACT_THREADS = ACT_WARPS * 32;
-constexpr int ACT_RCHUNK = 64;   // ranks per pass: 8 n8 tiles, 32 fp32 accumulators per lane
+constexpr int ACT_RCHUNK = 64;   // ranks per pass: 4 m16 tiles x 2 token tiles, 32 fp32 per lane
 constexpr int ACT_CB = 4;        // phase C: chunks of 8 values per lane and row in flight
 // Two blocks per SM, which the backend's wave count assumes (act_variant_for). Unbounded, ptxas
 // gives the fp16 16-token kernel 140 registers on sm_90a (one block per SM); bf16 takes 128
@@ -147,55 +143,71 @@ __device__ __forceinline__ float absmax8(uint4 v, float4 s0, float4 s1, float am
   return am;
 }
 
-// Phase B over this warp's k-slices kb0, kb0 + step, ... < kend for NT rank tiles and MT m16
-// tiles of tokens, each down load serving the MT tiles: xr[2mt] is token row g of tile mt,
-// xr[2mt + 1] row g + 8 (zeros, never loaded, when !HI); am[i] the running max of row xr[i];
-// acc[NA * mt + n] the accumulators of tile mt, rank tile n. The fragment mapping is in the
-// act_kernel comment. act_kernel (MT 1, through branch_slices) and act_stats_kernel (MT 2) run
-// it.
-template <typename T, int NT, int MT, bool HI, int NA>
+// Phase B over this warp's k-slices kb0, kb0 + step, ... < kend: x . down^T on m16n8k16 with
+// the ranks as M and the tokens as N, so that neither operand is rebuilt in registers:
+//   B (tokens): lane (g, tq) loads 16 bytes of its token row, k = kb + 8tq .. +7, and uses the
+//     4 words as they arrive: {w0, w1} for k16 step 0, {w2, w3} for step 1 (k-column 2tq of a
+//     step is word 2s, column 2tq + 8 word 2s + 1: the order of k inside an MMA is free as long
+//     as A and B agree).
+//   A (ranks): `down` comes in the branch layout (docs/kernels.md, svdq/backends/cuda.py
+//     branch_down_layout): rank rows g and g + 8 of each 16-rank tile interleaved word by word,
+//     so one 16-byte load at dp + 2kb is the A fragment of step 0 ({row g, row g+8} x words 0, 1
+//     of the lane's 8 k) and the next 16 bytes that of step 1.
+// With x as the A side, the fragments pairing token rows g and g + 8 cost ~800 K register moves
+// per 4608 x 3072 call (a fifth of act_stats_kernel's instructions; run 106), and leaving them
+// out made the split pair 6% faster at rank 32 (run 132). xr[j] is lane g's token row of n8
+// token tile j (tiles past HI's are zeros, never loaded); am[j] its running max of
+// |x * inv_smooth|; acc[NJ * rt + j] the sums of rank tile rt (ranks 16rt + g, + 8) x tile j
+// (tokens 8j + 2tq, + 1). act_kernel (2 token tiles, through branch_slices) and
+// act_stats_kernel (4) run it.
+template <typename T, int RT, int NJ, bool HI, int NA>
 __device__ __forceinline__ void branch_loop(const T* const* xr, const float* __restrict__ inv_smooth,
                                             const T* dp, int kb0, int kend, int step, int K,
                                             int tq, bool amax, float* am, float (*acc)[4]) {
+  static_assert(RT * NJ <= NA, "accumulators for every rank tile x token tile");
 #pragma unroll 2
   for (int kb = kb0; kb < kend; kb += step) {
-    uint4 v[2 * MT];
+    uint4 v[NJ];
 #pragma unroll
-    for (int i = 0; i < 2 * MT; ++i)
-      v[i] = (HI || i % 2 == 0) ? ld128(xr[i] + kb) : make_uint4(0, 0, 0, 0);
-    uint4 d[NT > 0 ? NT : 1];
+    for (int j = 0; j < NJ; ++j) v[j] = (HI || j % 2 == 0) ? ld128(xr[j] + kb) : make_uint4(0, 0, 0, 0);
+    uint4 d[RT > 0 ? RT : 1][2];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) d[n] = ld128(dp + (size_t)n * 8 * K + kb);
+    for (int rt = 0; rt < RT; ++rt) {
+      d[rt][0] = ld128(dp + (size_t)rt * 16 * K + 2 * kb);
+      d[rt][1] = ld128(dp + (size_t)rt * 16 * K + 2 * kb + 8);
+    }
     if (amax) {
       const float4 s0 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq);
       const float4 s1 = *reinterpret_cast<const float4*>(inv_smooth + kb + 8 * tq + 4);
 #pragma unroll
-      for (int i = 0; i < 2 * MT; ++i)
-        if (HI || i % 2 == 0) am[i] = absmax8<T>(v[i], s0, s1, am[i]);
+      for (int j = 0; j < NJ; ++j)
+        if (HI || j % 2 == 0) am[j] = absmax8<T>(v[j], s0, s1, am[j]);
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const uint4 lo = v[2 * mt], hi = v[2 * mt + 1];
-      const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y}, a1[4] = {lo.z, hi.z, lo.w, hi.w};
+    for (int rt = 0; rt < RT; ++rt) {
+      const uint32_t a0[4] = {d[rt][0].x, d[rt][0].y, d[rt][0].z, d[rt][0].w};
+      const uint32_t a1[4] = {d[rt][1].x, d[rt][1].y, d[rt][1].z, d[rt][1].w};
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const uint32_t b0[2] = {d[n].x, d[n].y}, b1[2] = {d[n].z, d[n].w};
-        mma16816<T>(acc[NA * mt + n], a0, b0);
-        mma16816<T>(acc[NA * mt + n], a1, b1);
+      for (int j = 0; j < NJ; ++j) {
+        if (!HI && j % 2 == 1) continue;
+        const uint32_t b0[2] = {v[j].x, v[j].y}, b1[2] = {v[j].z, v[j].w};
+        mma16816<T>(acc[NJ * rt + j], a0, b0);
+        mma16816<T>(acc[NJ * rt + j], a1, b1);
       }
     }
   }
 }
 
-// act_kernel's phase B: token rows g (and g+8 when HI), k-slices j = warp mod ACT_WARPS
-template <typename T, int NT, bool HI>
+// act_kernel's phase B: token rows g and g+8 (n8 token tiles 0 and 1; tile 1 zeros and never
+// loaded when !HI), k-slices j = warp mod ACT_WARPS, RT rank tiles of 16
+template <typename T, int RT, bool HI>
 __device__ __forceinline__ void branch_slices(const T* xlo, const T* xhi,
                                               const float* __restrict__ inv_smooth, const T* dp,
                                               int K, int warp, int tq, bool amax, float& am_lo,
                                               float& am_hi, float (&acc)[8][4]) {
   const T* const xr[2] = {xlo, xhi};
   float am[2] = {am_lo, am_hi};
-  branch_loop<T, NT, 1, HI, 8>(xr, inv_smooth, dp, warp * 32, K, ACT_WARPS * 32, K, tq, amax, am,
+  branch_loop<T, RT, 2, HI, 8>(xr, inv_smooth, dp, warp * 32, K, ACT_WARPS * 32, K, tq, amax, am,
                                acc);
   am_lo = am[0];
   am_hi = am[1];
@@ -288,21 +300,24 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
     float acc[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    const T* dp = down + (size_t)(r0 + g) * K + 8 * tq;
+    const T* dp = down + ((size_t)(r0 / 16) * 8 + g) * 2 * K + 16 * tq;  // the branch layout
     const bool amax = pass == 0;
-    switch (ntiles) {  // a loop per tile count: its loads are unconditional and batch up
+    switch (ntiles / 2) {  // a loop per rank-tile count: its loads are unconditional and batch up
       case 0: branch_slices<T, 0, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
+      case 1: branch_slices<T, 1, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
       case 2: branch_slices<T, 2, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
-      case 4: branch_slices<T, 4, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
-      case 6: branch_slices<T, 6, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
-      default: branch_slices<T, 8, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
+      case 3: branch_slices<T, 3, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
+      default: branch_slices<T, 4, TM == 16>(xlo, xhi, inv_smooth, dp, K, warp, tq, amax, am_lo, am_hi, acc); break;
     }
     if (ntiles) {
-      // C layout: acc[n][0,1] = (token g, ranks 8n + 2tq, +1), acc[n][2,3] = token g + 8
+      // C layout: acc[2rt + j][2h + e] = (rank 16rt + g + 8h, token 8j + 2tq + e)
 #pragma unroll
-      for (int n = 0; n < 8; ++n)
+      for (int rt = 0; rt < 4; ++rt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) part[warp][g + 8 * (e / 2)][8 * n + 2 * tq + (e & 1)] = acc[n][e];
+        for (int j = 0; j < (TM == 16 ? 2 : 1); ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            part[warp][8 * j + 2 * tq + (e & 1)][16 * rt + g + 8 * (e / 2)] = acc[2 * rt + j][e];
       __syncthreads();
       for (int i = tid; i < TM * ntiles * 8; i += ACT_THREADS) {
         const int row = i / (ntiles * 8), r = i % (ntiles * 8);
@@ -381,9 +396,9 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 // Workspace (fp32, the binding allocates it): amax_part [M][KC], branch_part [M][KC][R16].
 constexpr int STATS_WARPS = 4;
 constexpr int STATS_THREADS = STATS_WARPS * 32;
-constexpr int STATS_MT = 2;                       // m16 tiles per block: each down load serves 32 tokens
+constexpr int STATS_MT = 2;                       // 16-token groups per block: each down load serves 32 tokens
 constexpr int STATS_TOKENS = 16 * STATS_MT;
-constexpr int STATS_RCHUNK = 32;                  // ranks per pass: 4 n8 tiles, 32 accumulators
+constexpr int STATS_RCHUNK = 32;                  // ranks per pass: 2 m16 tiles x 4 token tiles, 32 accumulators
 // Four blocks per SM: at 4608 tokens and K = 3072 the grid (432 blocks) is then one wave (0.82
 // on 132 SMs, 0.84 on 128); at three per SM it takes 1.09 waves and the kernel ~1.45x as long
 // (run 107, 141 registers). Unbounded, ptxas gives 132 registers to fp16 on sm_90a and 134 to
@@ -433,27 +448,26 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
   for (int pass = 0; pass < npass; ++pass) {
     const int r0 = pass * STATS_RCHUNK;
     const int ntiles = min(STATS_RCHUNK, R - r0) / 8;  // 0 when R == 0; even (R % 16 == 0)
-    float acc[STATS_MT][4][4];
+    constexpr int NJ = 2 * STATS_MT;  // n8 token tiles
+    float acc[NJ * STATS_RCHUNK / 16][4];
 #pragma unroll
-    for (int mt = 0; mt < STATS_MT; ++mt)
-#pragma unroll
-      for (int n = 0; n < 4; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
-    const T* dp = down + (size_t)(r0 + g) * K + 8 * tq;
+    for (int i = 0; i < NJ * STATS_RCHUNK / 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    const T* dp = down + ((size_t)(r0 / 16) * 8 + g) * 2 * K + 16 * tq;  // the branch layout
     const bool amax = pass == 0;
-    switch (ntiles) {  // a loop per tile count: its loads are unconditional and batch up
-      case 0: branch_loop<T, 0, STATS_MT, true, 4>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc[0]); break;
-      case 2: branch_loop<T, 2, STATS_MT, true, 4>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc[0]); break;
-      default: branch_loop<T, 4, STATS_MT, true, 4>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc[0]); break;
+    switch (ntiles / 2) {  // a loop per rank-tile count: its loads are unconditional and batch up
+      case 0: branch_loop<T, 0, NJ, true, NJ * 2>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc); break;
+      case 1: branch_loop<T, 1, NJ, true, NJ * 2>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc); break;
+      default: branch_loop<T, 2, NJ, true, NJ * 2>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc); break;
     }
     if (ntiles) {
-      // C layout: acc[mt][n][0,1] = (token 16mt + g, ranks 8n + 2tq, +1), [2,3] = token + 8
+      // C layout: acc[NJ * rt + j][2h + e] = (rank 16rt + g + 8h, token 8j + 2tq + e)
 #pragma unroll
-      for (int mt = 0; mt < STATS_MT; ++mt)
+      for (int rt = 0; rt < STATS_RCHUNK / 16; ++rt)
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
+        for (int j = 0; j < NJ; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            part[warp][16 * mt + g + 8 * (e / 2)][8 * n + 2 * tq + (e & 1)] = acc[mt][n][e];
+            part[warp][8 * j + 2 * tq + (e & 1)][16 * rt + g + 8 * (e / 2)] = acc[NJ * rt + j][e];
       __syncthreads();
       const int nr = ntiles * 8;
       for (int i = tid; i < STATS_TOKENS * nr; i += STATS_THREADS) {

@@ -104,3 +104,26 @@ def test_cuda_activation_kernel_choice(monkeypatch):
                      16896: 0}                        # four full waves
     be.act_variant = 0
     assert be.act_variant_for(4608) == 0
+
+
+@pytest.mark.parametrize("r,k", [(16, 64), (48, 192)])
+def test_cuda_branch_down_layout(r, k):
+    """The activation kernels' layout of `down` (docs/kernels.md): within each 16-rank tile, rows
+    g and g + 8 interleaved by 32-bit words, so that lane (g, tq) finds its m16n8k16 A fragment
+    for k = kb + 8tq .. +7 as 16 contiguous bytes at ((8t + g) * 2K + 2kb + 16tq): rows g, g+8,
+    g, g+8 x k pairs (k, k+1), (k, k+1), (k+2, k+3), (k+2, k+3). No GPU needed."""
+    from svdq.backends.cuda import branch_down_layout
+    down = torch.arange(r * k, dtype=torch.float64).reshape(r, k)   # every element distinct
+    flat = branch_down_layout(down).reshape(-1)
+    assert flat.shape == down.reshape(-1).shape and set(flat.tolist()) == set(down.reshape(-1).tolist())
+    for t in range(r // 16):
+        for g in range(8):
+            for kb in range(0, k, 32):
+                for tq in range(4):
+                    p0 = kb + 8 * tq
+                    off = (8 * t + g) * 2 * k + 2 * kb + 16 * tq
+                    rg, rg8 = down[16 * t + g], down[16 * t + g + 8]
+                    want = torch.stack([rg[p0:p0 + 2], rg8[p0:p0 + 2], rg[p0 + 2:p0 + 4],
+                                        rg8[p0 + 2:p0 + 4], rg[p0 + 4:p0 + 6], rg8[p0 + 4:p0 + 6],
+                                        rg[p0 + 6:p0 + 8], rg8[p0 + 6:p0 + 8]]).reshape(-1)
+                    assert torch.equal(flat[off:off + 16], want)

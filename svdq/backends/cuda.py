@@ -6,9 +6,9 @@ natural-layout 4-bit weights, which the GEMM reads as they are (no second copy o
   multT int8 [K/64, N] and row_scale fp32 [N]   the W4A8 scale fold (quant.fold_group_scales)
   inv_smooth fp32 [K]                           1 / smooth, as the reference computes it
   bias in the compute dtype
-and, beside them, the low-rank branch zero-padded to R16 = ceil16(R) (down [R16, K], up [N, R16],
-rank_scale [R16]), kept until the layer's segments change (a strength change only rewrites
-rank_scale).
+and, beside them, the low-rank branch zero-padded to R16 = ceil16(R) (down [R16, K] in the
+activation kernels' layout, branch_down_layout; up [N, R16]; rank_scale [R16]), kept until the
+layer's segments change (a strength change only rewrites rank_scale).
 forward(layer, prepared, x) runs the activation kernel, then the GEMM (gemm_variant_for picks it).
 w4a16 layers (adaLN modulation, GEMV-like) dequantize to 16 bits in one kernel pass, then
 cuBLAS; fp32 inputs use the reference math.
@@ -53,6 +53,17 @@ def act_perm(K: int, device=None) -> torch.Tensor:
     perm64[pos] = j
     perm = (torch.arange(0, K, 64).unsqueeze(1) + perm64.unsqueeze(0)).reshape(-1)
     return perm.to(device) if device is not None else perm
+
+
+def branch_down_layout(down: torch.Tensor) -> torch.Tensor:
+    """down [R16, K] -> the activation kernels' layout of it, same shape (docs/kernels.md).
+
+    Within each tile of 16 ranks, rows g and g + 8 are interleaved by 32-bit words (two k):
+    element (16t + g + 8h, 2w + e) moves to flat position ((8t + g) * K/2 + w) * 4 + 2h + e, so
+    that one 16-byte load is an m16n8k16 A fragment (csrc/w4a8.cu, branch_loop).
+    """
+    r, k = down.shape
+    return down.view(r // 16, 2, 8, k // 2, 2).permute(0, 2, 3, 1, 4).reshape(r, k)
 
 
 def check_shape(in_features: int, out_features: int) -> None:
@@ -174,14 +185,14 @@ class CudaBackend:
         r, dev, dt = down.shape[0], down.device, layer.lowrank_down.dtype
         r16 = _ceil16(r)
         with torch.no_grad():
-            if r16 != r or not down.is_contiguous() or not up.is_contiguous():
-                d = torch.zeros(r16, k, dtype=dt, device=dev)
-                d[:r] = down
-                u = torch.zeros(n, r16, dtype=dt, device=dev)
-                u[:, :r] = up
-                down_p, up_p = d, u
+            d = torch.zeros(r16, k, dtype=dt, device=dev)
+            d[:r] = down
+            down_p = branch_down_layout(d)
+            if r16 != r or not up.is_contiguous():
+                up_p = torch.zeros(n, r16, dtype=dt, device=dev)
+                up_p[:, :r] = up
             else:
-                down_p, up_p = down, up
+                up_p = up
             rs = torch.zeros(r16, dtype=torch.float32, device=dev)
             rs[:r] = rank_scale.float()
         prep["branch"] = {"src": (down, up, rank_scale), "down": {dt: down_p}, "up": {dt: up_p},
