@@ -76,10 +76,10 @@ namespace svdq {
 //     8 and computes x . down^T for its slices on the 16-bit tensor cores (m16n8k16: ranks = M
 //     side, tokens = N side, fp32; branch_loop says why and how `down`'s branch layout makes
 //     every fragment one 16-byte load, with no shuffles and no register moves). The same x
-//     values give the running max of |x * inv_smooth| for the two rows. Ranks go 64 (4 m16 tiles) per pass; more than 64
-//     (LoRA-extended branches) take further passes, which re-read x from L2. The eight warps'
-//     partial sums meet in shared memory and are added in warp order (deterministic, no
-//     atomics), then scaled by rank_scale and rounded once to T.
+//     values give the running max of |x * inv_smooth| for the two rows. Ranks go 64 (4 m16
+//     tiles) per pass; more than 64 (LoRA-extended branches) take further passes, which re-read
+//     x from L2. The eight warps' partial sums meet in shared memory and are added in warp order
+//     (deterministic, no atomics), then scaled by rank_scale and rounded once to T.
 //   C (quantize): warp w quantizes rows w and w+8 together, ACT_CB chunks of 8 values per row in
 //     flight (the re-read of the block's rows hits L2 unless K is large), code = rint(xs * rcp)
 //     with rcp = RN(1/scale) (quantize_chunk), stored in the permuted order P(j); the code sum
@@ -154,8 +154,8 @@ __device__ __forceinline__ float absmax8(uint4 v, float4 s0, float4 s1, float am
 //     so one 16-byte load at dp + 2kb is the A fragment of step 0 ({row g, row g+8} x words 0, 1
 //     of the lane's 8 k) and the next 16 bytes that of step 1.
 // With x as the A side, the fragments pairing token rows g and g + 8 cost ~800 K register moves
-// per 4608 x 3072 call (a fifth of act_stats_kernel's instructions; run 106), and leaving them
-// out made the split pair 6% faster at rank 32 (run 132). xr[j] is lane g's token row of n8
+// per 4608 x 3072 call (a fifth of act_stats_kernel's instructions; run 106); without them the
+// split pair is 5-7% faster at rank 32 (run 133). xr[j] is lane g's token row of n8
 // token tile j (tiles past HI's are zeros, never loaded); am[j] its running max of
 // |x * inv_smooth|; acc[NJ * rt + j] the sums of rank tile rt (ranks 16rt + g, + 8) x tile j
 // (tokens 8j + 2tq, + 1). act_kernel (2 token tiles, through branch_slices) and
@@ -396,9 +396,9 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 // Workspace (fp32, the binding allocates it): amax_part [M][KC], branch_part [M][KC][R16].
 constexpr int STATS_WARPS = 4;
 constexpr int STATS_THREADS = STATS_WARPS * 32;
-constexpr int STATS_MT = 2;                       // 16-token groups per block: each down load serves 32 tokens
+constexpr int STATS_MT = 2;                       // 16-token groups: each down load serves 32 tokens
 constexpr int STATS_TOKENS = 16 * STATS_MT;
-constexpr int STATS_RCHUNK = 32;                  // ranks per pass: 2 m16 tiles x 4 token tiles, 32 accumulators
+constexpr int STATS_RCHUNK = 32;                  // ranks per pass: 2 m16 x 4 n8 tiles, 32 acc.
 // Four blocks per SM: at 4608 tokens and K = 3072 the grid (432 blocks) is then one wave (0.82
 // on 132 SMs, 0.84 on 128); at three per SM it takes 1.09 waves and the kernel ~1.45x as long
 // (run 107, 141 registers). Unbounded, ptxas gives 132 registers to fp16 on sm_90a and 134 to
