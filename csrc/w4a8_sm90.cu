@@ -13,7 +13,7 @@
 // mma.sync; the tests assert that both kernels give the same bits.
 //
 // CTA: 2 warpgroups (256 threads) x 64 channels = BN 128 channels, BT = 256 tokens, k-tile 128
-// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (254
+// (two k64 groups), m64n256k32 (128 s32 accumulators per thread), one CTA per SM (253
 // registers). Shared memory per stage, 1024-aligned, filled by the tensor memory accelerator:
 //
 //   [0, BT*128)      activation codes [BT tokens][128 bytes], 2-D tensor map [M][K] with box
@@ -26,10 +26,13 @@
 //                    half-warp's LDS.64 (rows g..g+3, 8 bytes at 8tq) covers 128 contiguous bytes
 //   [.., +256)       multipliers [2 groups][128 rows]: 2-D map [K/64][N] (its 16-byte row
 //                    stride needs N % 16 == 0; the caller falls back to mma.sync otherwise)
-// After the stages, the branch activation act [BT tokens][64 ranks] (32 KB): a 2-D map over act
-// [M][R] (as bytes) with box 128 bytes x BT and the same 128-byte swizzle, i.e. the K-major B
-// operand of a 16-bit wgmma, whose k16 step s starts 32*s bytes in. Ranks past 64 come as
-// further slabs into the same buffer.
+// After the five stages, the branch activation act [BT tokens][32 ranks] (16 KB): a 2-D map over
+// act [M][R] (as bytes) with box 64 bytes x BT and the 64-byte swizzle (chunk c of row r at
+// c ^ ((r / 2) & 3)), which the descriptor names (mode 2, eight 64-byte rows = SBO 512): the
+// K-major B operand of a 16-bit wgmma, whose k16 step s starts 32*s bytes in. Ranks past 32 come
+// as further slabs into the same buffer. A 64-rank slab (32 KB, 128-byte swizzle) left room for
+// four stages only; the fifth made the rank-32 GEMM ~1% faster at every FLUX shape and a rank-112
+// layer (four slabs instead of two) ~2% slower at K = 3072 (run 135).
 // Boxes past M, N, K or R arrive zero-filled: zero codes add nothing, zero ranks are never
 // multiplied (the epilogue issues R/16 steps), and outputs past M or N are never stored.
 //
@@ -70,7 +73,8 @@
 // the GEMM 1.18x faster (1.36x -> 1.65x bf16 at M = 4608, run 35). Persistent, with the tile's
 // sx/sumq copied to shared memory at its start: 1.09x more (1.76x bf16, runs 46-47). Not kept:
 // 2-CTA clusters sharing the codes tile by TMA multicast (1.35x slower: each stage then waits
-// for both CTAs' releases, run 29), a fifth stage (no change, run 32), the whole output tile
+// for both CTAs' releases, run 29), a fifth stage beside a 64-rank slab (no change, run 32, when
+// the loop waited on a polling loader), the whole output tile
 // staged at once with its second half in the slab buffer (no gain, run 41). The epilogue is the
 // fixed cost of every tile (~3.3 us at rank 0 against 14.4 us of main loop per 3072 of K, run
 // 68) and nothing overlaps it; staging by stmatrix and loading up before the drain took
@@ -87,13 +91,13 @@
 
 namespace svdq {
 
-constexpr int H_BN = 128, H_BT = 256, H_BK = 128, H_THREADS = 256, H_STAGES = 4;
+constexpr int H_BN = 128, H_BT = 256, H_BK = 128, H_THREADS = 256, H_STAGES = 5;
 constexpr int H_W = H_BT * H_BK;                                    // weights after the codes
 constexpr int H_MULT = H_W + 2 * H_BN * 32;                         // multipliers after them
 constexpr int H_STAGE = (H_MULT + 2 * H_BN + 1023) / 1024 * 1024;   // 41 KB
 constexpr int H_TX = H_BT * H_BK + 2 * H_BN * 32 + 2 * H_BN;        // bytes copied per stage
-constexpr int H_ACT = H_STAGES * H_STAGE;   // the branch activation, 64 ranks at a time
-constexpr int H_ACT_R = 64, H_ACT_BYTES = H_BT * H_ACT_R * 2;
+constexpr int H_ACT = H_STAGES * H_STAGE;   // the branch activation, 32 ranks at a time
+constexpr int H_ACT_R = 32, H_ACT_BYTES = H_BT * H_ACT_R * 2;
 constexpr int H_BARS = H_ACT + H_ACT_BYTES;
 constexpr int H_SXQ = H_BARS + 128;          // sx and sumq of the tile's tokens, [2 tiles][BT] each
 constexpr int H_SMEM = H_SXQ + 2 * 2 * H_BT * 4 + 1024;             // + alignment
@@ -109,6 +113,11 @@ static_assert(H_TX <= H_STAGE && (H_BT / 2) * out_stride<H_BN>() * 2 <= H_STAGE,
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
   return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
          ((uint64_t)1 << 62);
+}
+// The same for the 64-byte swizzle (mode 2) of the branch slab: eight 64-byte rows, 512 bytes.
+__device__ __forceinline__ uint64_t desc_sw64(uint32_t saddr) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(512 >> 4) << 32) |
+         ((uint64_t)2 << 62);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -200,11 +209,11 @@ SVDQ_WGMMA_F32(__half, "f16")
 
 // f += up (ua: STEPS k16 fragments) x the act slab at shared address sa, and wait for it.
 template <typename T, int STEPS>
-__device__ __forceinline__ void lowrank_wgmma(float (&f)[32][4], const uint32_t (&ua)[4][4],
+__device__ __forceinline__ void lowrank_wgmma(float (&f)[32][4], const uint32_t (&ua)[H_ACT_R / 16][4],
                                               uint32_t sa) {
   wgmma_fence();
 #pragma unroll
-  for (int s16 = 0; s16 < STEPS; ++s16) wgmma_f32<T>(f, ua[s16], desc_sw128(sa + 32 * s16));
+  for (int s16 = 0; s16 < STEPS; ++s16) wgmma_f32<T>(f, ua[s16], desc_sw64(sa + 32 * s16));
   wgmma_commit();
   wgmma_wait<0>();
 }
@@ -251,7 +260,7 @@ __device__ __forceinline__ void stage_n16(const float (&f0)[4], const float (&f1
                ::"r"(smem_u32(p)), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
 }
 
-// The A fragments of up's ranks r0 .. r0 + 63 (at most R) for this lane's channels n_lo, n_hi:
+// The A fragments of up's ranks r0 .. r0 + H_ACT_R - 1 (at most R) for this lane's channels n_lo, n_hi:
 // the m16n8k16 A layout per warp, k16 step s16 in ua[s16].
 template <typename T>
 __device__ __forceinline__ void load_up(uint32_t (&ua)[H_ACT_R / 16][4], const T* __restrict__ up,
@@ -278,7 +287,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + H_BARS);
-  uint64_t* act_full = full + S;  // a 64-rank slab of the branch activation has landed
+  uint64_t* act_full = full + S;  // a 32-rank slab of the branch activation has landed
   // per stage: how many warps have finished reading it, summed over all its k-tiles
   uint32_t* released = reinterpret_cast<uint32_t*>(act_full + 1);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
@@ -369,6 +378,9 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   uint32_t done = 0;    // lane 0: warps that had released that stage before this one did
   int slabs = 0;        // slab copies waited for so far: the parity of act_full
   int u = 0;            // position in the k-tile stream
+  // u's stage (u % S), its mbarrier parity ((u / S) & 1) and u - 1's stage, kept as counters:
+  // S = 5 is no power of two, and this is the loop's critical path
+  int stage = 0, phase = 0, prev_stage = S - 1;
 
   for (int j = 0; j < my_tiles; ++j) {
     int n0, tk0, kb, kn, n0_next, tk0_next, kb_next, kn_next;  // this unit and the next
@@ -392,8 +404,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
 #pragma unroll
       for (auto& v : d) v[0] = v[1] = v[2] = v[3] = 0;
       for (int kt = 0; kt < kn; ++kt, ++u) {
-        const int s = u % S, parity = (u / S) & 1;
-        mbar_wait(&full[s], parity);
+        const int s = stage;
+        mbar_wait(&full[s], phase);
         __syncwarp();
         const uint8_t* st = smem + s * H_STAGE;
         const uint32_t sb = smem_u32(st);
@@ -402,7 +414,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
           wgmma_wait<1>();  // the group that last read a[c] (k-tile u-1, half c) is done
           if (c == 1 && u > 0 && lane == 0)  // this warp has read all of k-tile u-1
             asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
-                         : "=r"(done) : "r"(smem_u32(&released[(u - 1) % S])) : "memory");
+                         : "=r"(done) : "r"(smem_u32(&released[prev_stage])) : "memory");
           widen_group(*reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + row * 32 + 8 * tq),
                       *reinterpret_cast<const uint2*>(st + H_W + c * BN * 32 + (row + 8) * 32 + 8 * tq),
                       (uint8_t)st[H_MULT + c * BN + row], (uint8_t)st[H_MULT + c * BN + row + 8], a[c]);
@@ -417,13 +429,18 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
         // on the issuing warp's critical path, and its warpgroup's next wgmma waits for it (two
         // divisions cost the GEMM ~15%, run 39).
         if (u > 0 && lane == 0 && done % WARPS == WARPS - 1 && u - 1 + S < n_iter) {
-          const int kv = kt - 1 + S, sv = (u - 1) & (S - 1);  // == (u - 1 + S) % S
+          const int kv = kt - 1 + S, sv = prev_stage;  // == (u - 1 + S) % S
           if (kv < kn)
             issue_at(sv, kb + kv, n0, tk0, half_unit);
           else if (kv < kn + kn_next)
             issue_at(sv, kb_next + kv - kn, n0_next, tk0_next, is_half(j + 1));
           else
-            issue(u - 1 + S);  // units under 3 k-tiles: the copy is two or more units ahead
+            issue(u - 1 + S);  // units under 4 k-tiles: the copy is two or more units ahead
+        }
+        prev_stage = s;
+        if (++stage == S) {
+          stage = 0;
+          phase ^= 1;
         }
       }
     };
@@ -459,7 +476,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     // next tile's first k-tile releases it: the epilogue stages its output there, half a tile
     // (128 tokens) at a time. The other stages are meanwhile filling with the next tile.
     __syncthreads();
-    uint8_t* out_stage = smem + ((u - 1) % S) * H_STAGE;
+    uint8_t* out_stage = smem + prev_stage * H_STAGE;
     if (j >= n_whole && splits > 1) {
       // A k-range of a split tile: every range stores its exact int32 sums, and the last of the
       // tile's ranges to arrive adds the others' (integer addition: the same bits whatever the
@@ -492,10 +509,10 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     }
 
     // Epilogue: epilogue_m16's numbers (the same dequant_n8, csrc/common.cuh; stage_n16 rounds as
-    // stage_n8 does), but
-    // the low-rank up-projection runs on wgmma straight into the dequantized accumulators: up is
-    // A (registers, the m16n8k16 A layout per warp), the act tile is B, copied by TMA with the
-    // 128-byte swizzle (K-major, a row of 64 ranks per token) in 64-rank slabs, so the branch
+    // stage_n8 does), but the low-rank up-projection runs on wgmma straight into the dequantized
+    // accumulators: up is A (registers, the m16n8k16 A layout per warp), the act tile is B,
+    // copied by TMA with the 64-byte swizzle (K-major, a row of 32 ranks per token) in 32-rank
+    // slabs, so the branch
     // costs R/16 wgmmas per warpgroup instead of a chain of dependent loads and mma.syncs per n8
     // tile.
     float f[NT][4];
@@ -513,9 +530,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       const uint32_t sa = smem_u32(slab);
       switch (steps) {  // straight-line wgmma groups: no branch between the fence and the wgmmas
         case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
-        case 2: lowrank_wgmma<T, 2>(f, ua, sa); break;
-        case 3: lowrank_wgmma<T, 3>(f, ua, sa); break;
-        default: lowrank_wgmma<T, 4>(f, ua, sa); break;
+        default: lowrank_wgmma<T, 2>(f, ua, sa); break;
       }
       pin<NT>(f);
     }
@@ -652,12 +667,12 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   if (!rc)
     rc = make_map<2>(&tm, multT, {(cuuint64_t)N, (cuuint64_t)(K / 64)}, {(cuuint64_t)N},
                      {(cuuint32_t)H_BN, 2}, CU_TENSOR_MAP_SWIZZLE_NONE);
-  // the branch activation [M, R] 16-bit as bytes, 64 ranks (128 bytes) by 256 tokens a box;
-  // ranks past R arrive as zeros and are never multiplied. Unused when R == 0.
+  // the branch activation [M, R] 16-bit as bytes, 32 ranks (64 bytes) by 256 tokens a box, with
+  // the 64-byte swizzle; ranks past R arrive as zeros and are never multiplied. Unused when R == 0.
   CUtensorMap ta{};
   if (!rc && R > 0)
     rc = make_map<2>(&ta, act, {(cuuint64_t)R * 2, (cuuint64_t)M}, {(cuuint64_t)R * 2},
-                     {(cuuint32_t)H_ACT_R * 2, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_128B);
+                     {(cuuint32_t)H_ACT_R * 2, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_64B);
   if (rc) return rc;
   cudaError_t e = cudaFuncSetAttribute(gemm_sm90_kernel<T>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
