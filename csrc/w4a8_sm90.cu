@@ -107,17 +107,16 @@ static_assert(H_SMEM <= 227 * 1024, "one CTA per SM, within the opt-in shared me
 static_assert(H_TX <= H_STAGE && (H_BT / 2) * out_stride<H_BN>() * 2 <= H_STAGE,
               "a stage holds a k-tile's copies, and half an output tile");
 
-// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in
-// bits 0-13, leading byte offset >> 4 in 16-29 (unused by K-major swizzled layouts), stride
-// byte offset >> 4 in 32-45 (1024: eight 128-byte rows), swizzle mode in 62-63 (1 = 128 bytes).
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
-  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-         ((uint64_t)1 << 62);
-}
-// The same for the 64-byte swizzle (mode 2) of the branch slab: eight 64-byte rows, 512 bytes.
-__device__ __forceinline__ uint64_t desc_sw64(uint32_t saddr) {
-  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(512 >> 4) << 32) |
-         ((uint64_t)2 << 62);
+// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format") of a K-major tile whose
+// rows are SW bytes with the SW-byte swizzle: start address >> 4 in bits 0-13, leading byte
+// offset >> 4 in 16-29 (unused by K-major swizzled layouts), stride byte offset >> 4 in 32-45
+// (eight rows: 1024 for the codes' 128-byte rows, 512 for the branch slab's 64-byte rows),
+// swizzle mode in 62-63 (1 = 128 bytes, 2 = 64).
+template <int SW>
+__device__ __forceinline__ uint64_t desc_kmajor(uint32_t saddr) {
+  static_assert(SW == 128 || SW == 64, "the swizzles this file uses");
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(8 * SW >> 4) << 32) |
+         ((uint64_t)(SW == 128 ? 1 : 2) << 62);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -209,11 +208,11 @@ SVDQ_WGMMA_F32(__half, "f16")
 
 // f += up (ua: STEPS k16 fragments) x the act slab at shared address sa, and wait for it.
 template <typename T, int STEPS>
-__device__ __forceinline__ void lowrank_wgmma(float (&f)[32][4], const uint32_t (&ua)[H_ACT_R / 16][4],
-                                              uint32_t sa) {
+__device__ __forceinline__ void lowrank_wgmma(float (&f)[32][4],
+                                              const uint32_t (&ua)[H_ACT_R / 16][4], uint32_t sa) {
   wgmma_fence();
 #pragma unroll
-  for (int s16 = 0; s16 < STEPS; ++s16) wgmma_f32<T>(f, ua[s16], desc_sw64(sa + 32 * s16));
+  for (int s16 = 0; s16 < STEPS; ++s16) wgmma_f32<T>(f, ua[s16], desc_kmajor<2 * H_ACT_R>(sa + 32 * s16));
   wgmma_commit();
   wgmma_wait<0>();
 }
@@ -260,8 +259,8 @@ __device__ __forceinline__ void stage_n16(const float (&f0)[4], const float (&f1
                ::"r"(smem_u32(p)), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
 }
 
-// The A fragments of up's ranks r0 .. r0 + H_ACT_R - 1 (at most R) for this lane's channels n_lo, n_hi:
-// the m16n8k16 A layout per warp, k16 step s16 in ua[s16].
+// The A fragments of up's ranks r0 .. r0 + H_ACT_R - 1 (at most R) for this lane's channels
+// n_lo, n_hi: the m16n8k16 A layout per warp, k16 step s16 in ua[s16].
 template <typename T>
 __device__ __forceinline__ void load_up(uint32_t (&ua)[H_ACT_R / 16][4], const T* __restrict__ up,
                                         int n_lo, int n_hi, int R, int r0, int tq) {
@@ -421,7 +420,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
           wgmma_fence();
 #pragma unroll
           for (int k32 = 0; k32 < 2; ++k32)
-            wgmma_u8s8(d, a[c][k32], desc_sw128(sb + 64 * c + 32 * k32));
+            wgmma_u8s8(d, a[c][k32], desc_kmajor<H_BK>(sb + 64 * c + 32 * k32));
           wgmma_commit();
         }
         // the warp whose release completes k-tile u-1's stage refills it at once, possibly with
@@ -512,9 +511,8 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     // stage_n8 does), but the low-rank up-projection runs on wgmma straight into the dequantized
     // accumulators: up is A (registers, the m16n8k16 A layout per warp), the act tile is B,
     // copied by TMA with the 64-byte swizzle (K-major, a row of 32 ranks per token) in 32-rank
-    // slabs, so the branch
-    // costs R/16 wgmmas per warpgroup instead of a chain of dependent loads and mma.syncs per n8
-    // tile.
+    // slabs, so the branch costs R/16 wgmmas per warpgroup instead of a chain of dependent loads
+    // and mma.syncs per n8 tile.
     float f[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) dequant_n8(acc[i], 8 * i + 2 * tq, BT, ssx + pb, ssq + pb, rs, f[i]);

@@ -305,7 +305,8 @@ def test_gemm_split_plan():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rank", [0, 48, 112])   # 48, 112: two and four 32-rank slabs in the wgmma epilogue
+# 48, 112: two and four 32-rank slabs in the wgmma epilogue
+@pytest.mark.parametrize("rank", [0, 48, 112])
 @pytest.mark.parametrize("m,k,n", GEMM_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in GEMM_SHAPES])
 def test_gemm_variants_bitwise(gen, m, k, n, rank, dtype):
     """The mma.sync GEMM and, on Hopper builds, the wgmma GEMM: identical bits (integer
