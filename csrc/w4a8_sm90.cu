@@ -78,10 +78,13 @@
 // staged at once with its second half in the slab buffer (no gain, run 41). The epilogue is the
 // fixed cost of every tile (~3.3 us at rank 0 against 14.4 us of main loop per 3072 of K, run
 // 68) and nothing overlaps it; staging by stmatrix and loading up before the drain took
-// 0.3-5% off the GEMM (run 70, bits unchanged). Overlapping it needs a second accumulator set,
-// for which 256-token tiles have no registers: 128-token tiles with two sets, each tile's
-// epilogue behind the next tile's first k-tiles, were correct but 1.6x slower (runs 79-83,
-// branch gemm-bt128): their main loop reaches ~63% of the tensor peak, this one ~93%.
+// 0.3-5% off the GEMM (run 70, bits unchanged). Overlapping it within a warpgroup needs a
+// second accumulator set, for which 256-token tiles have no registers: 128-token tiles with two
+// sets, each tile's epilogue behind the next tile's first k-tiles, were correct but 1.6x slower
+// (runs 79-83, branch gemm-bt128): their main loop reaches ~63% of the tensor peak, this one
+// ~93%. Across warpgroups (ping-pong: each its own 64-channel tile, one's epilogue during the
+// other's main loop) it was correct but 1.2-1.4x slower, waiting on its copies (runs 140-144,
+// bench/experiments/gemm_pingpong.patch).
 
 #include "launch.cuh"
 #include "sm90.cuh"
