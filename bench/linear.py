@@ -4,7 +4,8 @@ quantization, and our fused W4A8 layer (activation kernel included) at rank 0 an
     python bench/linear.py [--m 1024 4608 8192] [--dtype bf16|fp16] [--json out.json]
 
 Median of triton.testing.do_bench (CUDA events) after warm-up, random data, all in one run, so
-the ratios compare like with like. TFLOP/s counts 2*M*N*K for every method (the branch's extra
+the ratios compare like with like. The layers are timed first, then each kernel variant alone
+(see main()). TFLOP/s counts 2*M*N*K for every method (the branch's extra
 2*M*R*(K+N) is not counted as useful work). --dtype sets the activations', outputs' and
 branch's 16-bit type and the cuBLAS baseline's (bf16 by default, which the README's figures use);
 the tables call the baseline by that name, the JSON rows under the key "bf16" either way.
@@ -80,9 +81,15 @@ def main():
     print(f"extension load: {time.perf_counter() - t0:.2f} s; {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
     be = CudaBackend()
-    gemm_variants = (1, 2) if build.load().WGMMA else (1,)   # 1 mma.sync; 2 wgmma (Hopper)
+    # 1 mma.sync; 2 wgmma, 3 wgmma ping-pong (Hopper)
+    gemm_variants = (1, 2, 3) if build.load().WGMMA else (1,)
     torch.manual_seed(0)
-    rows, mem = [], []
+    rows, mem = {}, []
+    # Pass 1, the layers as a model runs them (each launches only the kernels it picks). Pass 2,
+    # their parts, every kernel variant alone. The passes are separate because launching the
+    # ping-pong GEMM alone at shapes where it is never picked made the next shapes' rank-32
+    # layers 3-14% slower in the same process (bench/NOTES.md, run 153); nothing timed here
+    # follows a diagnostic launch.
     for name, k, n in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=dt) * k ** -0.5
         w8 = w.to(torch.float8_e4m3fn)
@@ -103,39 +110,59 @@ def main():
             t = {"bf16": bench(lambda: torch.nn.functional.linear(x, w)), "fp8": bench(fp8)}
             for r in (0, 32):
                 t[f"r{r}"] = bench(lambda r=r: be.run(layers[r], preps[r], x))
-            # parts of the rank-32 layer, to see where the time goes
-            ext = build.load()
-            pr = preps[32]
+            gv = be.gemm_variant_for(m, n, k)
+            flop = 2.0 * m * n * k
+            rows[name, m] = dict(name=name, m=m, k=k, n=n, flop=flop, dtype=args.dtype,
+                                 gemm_variant=gv, **t)
+            print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
+                f"{base if key == 'bf16' else key} {t[key]:.3f}ms {flop / t[key] / 1e9:6.0f}TF"
+                for key in ("bf16", "fp8", "r0", "r32")) + f"  (layer gemm v{gv})", flush=True)
+        del w, w8, layers, preps
+        torch.cuda.empty_cache()
+
+    print("\n## Parts of the layers: rank 32 each kernel variant alone, rank 0 as picked")
+    ext = build.load()
+    for name, k, n in SHAPES:
+        layer = make_layer(k, n, 32, dt)
+        pr = be.prepare(layer)
+        br = be._branch(layer, pr)
+        down, up = br["down"][dt], br["up"][dt]
+        layer0 = make_layer(k, n, 0, dt)
+        pr0 = be.prepare(layer0)
+        br0 = be._branch(layer0, pr0)
+        down0, up0 = br0["down"][dt], br0["up"][dt]
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", dtype=dt)
             codes = torch.empty(m, k, dtype=torch.int8, device="cuda")
             sx = torch.empty(m, device="cuda")
             sq = torch.empty(m, dtype=torch.int32, device="cuda")
             act = torch.empty(m, 32, dtype=dt, device="cuda")
-            br = be._branch(layers[32], pr)
-            down, up = br["down"][dt], br["up"][dt]
             y = torch.empty(m, n, dtype=dt, device="cuda")
+            r = rows[name, m]
             for v in ACT_VARIANTS:
-                t[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
+                r[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
                     x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act, v))
-            t["act32"] = t[f"act32v{be.act_variant_for(m)}"]
+            r["act32"] = r[f"act32v{be.act_variant_for(m)}"]
             ext.act_quant(x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act)
             for v in gemm_variants:
-                t[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
-                    codes, sx, sq, layers[32].qweight, pr["multT"], pr["row_scale"], act, up,
-                    layers[32].bias, y, v))
-            gv = be.gemm_variant_for(n)
-            t["gemm32"] = t[f"gemm32v{gv}"]
-            t["gemm_variant"] = gv
-            flop = 2.0 * m * n * k
-            rows.append(dict(name=name, m=m, k=k, n=n, flop=flop, dtype=args.dtype, **t))
-            r = rows[-1]
+                r[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
+                    codes, sx, sq, layer.qweight, pr["multT"], pr["row_scale"], act, up,
+                    layer.bias, y, v))
+            r["gemm32"] = r[f"gemm32v{r['gemm_variant']}"]
+            # rank 0's two kernels as its layer picks them: what the branch adds to each
+            y0, (c0, sx0, sq0, act0) = be.run(layer0, pr0, x, return_parts=True)
+            r["act0"] = bench(lambda: ext.act_quant(x, pr0["inv_smooth"], down0,
+                                                    br0["rank_scale"], c0, sx0, sq0, act0,
+                                                    be.act_variant_for(m)))
+            r["gemm0"] = bench(lambda: ext.gemm(c0, sx0, sq0, layer0.qweight, pr0["multT"],
+                                                pr0["row_scale"], act0, up0, layer0.bias, y0,
+                                                r["gemm_variant"]))
             print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
-                f"{base if key == 'bf16' else key} {r[key]:.3f}ms {flop / r[key] / 1e9:6.0f}TF"
-                for key in
-                ("bf16", "fp8", "r0", "r32") + tuple(f"act32v{v}" for v in ACT_VARIANTS)
-                + tuple(f"gemm32v{v}" for v in gemm_variants)) + f"  (layer gemm v{gv})",
-                flush=True)
-        del w, w8, layers, preps
+                f"{key} {r[key]:.3f}ms" for key in tuple(f"act32v{v}" for v in ACT_VARIANTS)
+                + tuple(f"gemm32v{v}" for v in gemm_variants) + ("act0", "gemm0")), flush=True)
+        del layer, pr, br, down, up, layer0, pr0, br0, down0, up0
         torch.cuda.empty_cache()
+    rows = list(rows.values())
 
     print("\n## Bytes per weight (rank 32; kernel-read tensors / plus the checkpoint's wscales)")
     for name, k, n, b1, b2 in mem:
@@ -143,7 +170,8 @@ def main():
 
     print(f"\n## Summary: median ms, TFLOP/s (2MNK), speed vs cuBLAS {base}")
     hdr = (f"| M | layer | K->N | {base} ms | TF/s | fp8+q ms | x {base} | ours r0 ms | TF/s | "
-           f"x {base} | ours r32 ms | TF/s | x {base} | r32/r0 | act r32 ms | gemm r32 ms |")
+           f"x {base} | ours r32 ms | TF/s | x {base} | r32/r0 | act r32 ms | gemm r32 ms | "
+           f"act r0 ms | gemm r0 ms |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
@@ -152,7 +180,7 @@ def main():
               f"{r['fp8']:.3f} | {r['bf16'] / r['fp8']:.2f} | {r['r0']:.3f} | {f / r['r0']:.0f} | "
               f"{r['bf16'] / r['r0']:.2f} | {r['r32']:.3f} | {f / r['r32']:.0f} | "
               f"{r['bf16'] / r['r32']:.2f} | {r['r32'] / r['r0']:.3f} | {r['act32']:.3f} | "
-              f"{r['gemm32']:.3f} |")
+              f"{r['gemm32']:.3f} | {r['act0']:.3f} | {r['gemm0']:.3f} |")
     for m in args.m:
         sel = [r for r in rows if r["m"] == m]
         gm = lambda key: math.exp(sum(math.log(r["bf16"] / r[key]) for r in sel) / len(sel))

@@ -85,8 +85,8 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
 void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tensor qweight,
           torch::Tensor multT, torch::Tensor row_scale, torch::Tensor act, torch::Tensor up,
           const c10::optional<torch::Tensor>& bias, torch::Tensor y, int64_t variant) {
-  TORCH_CHECK(variant == 1 || variant == 2, "svdq gemm: variant ", variant, " is not 1 (mma.sync) "
-              "or 2 (wgmma)");
+  TORCH_CHECK(variant >= 1 && variant <= 3, "svdq gemm: variant ", variant, " is not 1 (mma.sync), "
+              "2 (wgmma) or 3 (wgmma, ping-pong)");
 #ifndef SVDQ_SM90A
   TORCH_CHECK(variant == 1, "svdq gemm: variant ", variant, " (wgmma) needs a Hopper GPU and an "
               "extension built for sm_90a");
@@ -118,8 +118,9 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
     TORCH_CHECK(bias->numel() == N, "svdq gemm: bias must have N=", N, " elements");
     bptr = bias->data_ptr();
   }
-  TORCH_CHECK(variant == 1 || N % 16 == 0, "svdq gemm: variant 2 (wgmma) needs out_features N % 16 "
-              "== 0 (its TMA copies need 16-byte strides), got N=", N, "; use variant 1");
+  TORCH_CHECK(variant == 1 || N % 16 == 0, "svdq gemm: variant ", variant, " (wgmma) needs "
+              "out_features N % 16 == 0 (its TMA copies need 16-byte strides), got N=", N,
+              "; use variant 1");
   const c10::cuda::CUDAGuard guard(codes.device());
   // the wgmma kernel's k-split last wave: int32 partial sums and arrival counters
   const long long words =
@@ -179,7 +180,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"));
   m.attr("MAX_K") = MAX_K;
 #ifdef SVDQ_SM90A
-  m.attr("WGMMA") = true;   // built for sm_90a: gemm variant 2 exists
+  m.attr("WGMMA") = true;   // built for sm_90a: gemm variants 2 and 3 exist
 #else
   m.attr("WGMMA") = false;
 #endif

@@ -91,7 +91,8 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Weight widening: one k64 group of one m16 tile into the int8 A fragments of its two k32 steps.
+// Weight widening: one k64 group of one m16 tile into the int8 A fragments of its two k32 steps
+// (widen_group), or one of the steps (widen_step: word st of each row).
 // w_lo, w_hi: this lane's 8 bytes (codes 16tq .. 16tq+15 of the group) of rows g and g+8;
 // m_lo, m_hi: their group multipliers. Word st of a row feeds step st: low nibbles the A
 // registers of k 4tq.. (a0, a1), high nibbles those of k 16+4tq.. (a2, a3). With
@@ -100,18 +101,19 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 // with no carry between bytes: the unsigned A operand (u8), whose +128 the epilogue removes.
 // The same fragment layout serves mma.m16n8k32 (per warp) and wgmma m64nNk32 (per warp of the
 // warpgroup, rows 16w ..).
+__device__ __forceinline__ void widen_step(uint32_t w_lo, uint32_t w_hi, uint32_t m_lo,
+                                           uint32_t m_hi, uint32_t (&a)[4]) {
+  const uint32_t c_lo = 0x80808080u - m_lo * 0x08080808u, c_hi = 0x80808080u - m_hi * 0x08080808u;
+  const uint32_t x0 = w_lo ^ 0x88888888u, x1 = w_hi ^ 0x88888888u;
+  a[0] = (x0 & 0x0F0F0F0Fu) * m_lo + c_lo;
+  a[2] = ((x0 >> 4) & 0x0F0F0F0Fu) * m_lo + c_lo;
+  a[1] = (x1 & 0x0F0F0F0Fu) * m_hi + c_hi;
+  a[3] = ((x1 >> 4) & 0x0F0F0F0Fu) * m_hi + c_hi;
+}
 __device__ __forceinline__ void widen_group(uint2 w_lo, uint2 w_hi, uint32_t m_lo, uint32_t m_hi,
                                             uint32_t a[2][4]) {
-  const uint32_t c_lo = 0x80808080u - m_lo * 0x08080808u, c_hi = 0x80808080u - m_hi * 0x08080808u;
-#pragma unroll
-  for (int st = 0; st < 2; ++st) {
-    const uint32_t x0 = (st ? w_lo.y : w_lo.x) ^ 0x88888888u;
-    const uint32_t x1 = (st ? w_hi.y : w_hi.x) ^ 0x88888888u;
-    a[st][0] = (x0 & 0x0F0F0F0Fu) * m_lo + c_lo;
-    a[st][2] = ((x0 >> 4) & 0x0F0F0F0Fu) * m_lo + c_lo;
-    a[st][1] = (x1 & 0x0F0F0F0Fu) * m_hi + c_hi;
-    a[st][3] = ((x1 >> 4) & 0x0F0F0F0Fu) * m_hi + c_hi;
-  }
+  widen_step(w_lo.x, w_hi.x, m_lo, m_hi, *reinterpret_cast<uint32_t(*)[4]>(a[0]));
+  widen_step(w_lo.y, w_hi.y, m_lo, m_hi, *reinterpret_cast<uint32_t(*)[4]>(a[1]));
 }
 
 // The m16n8k16 A fragment of up [N, R] (row-major) for ranks r .. r + 15 and a lane's channels

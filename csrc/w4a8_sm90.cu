@@ -82,9 +82,8 @@
 // second accumulator set, for which 256-token tiles have no registers: 128-token tiles with two
 // sets, each tile's epilogue behind the next tile's first k-tiles, were correct but 1.6x slower
 // (runs 79-83, branch gemm-bt128): their main loop reaches ~63% of the tensor peak, this one
-// ~93%. Across warpgroups (ping-pong: each its own 64-channel tile, one's epilogue during the
-// other's main loop) it was correct but 1.2-1.4x slower, waiting on its copies (runs 140-144,
-// bench/experiments/gemm_pingpong.patch).
+// ~93%. Across warpgroups, the ping-pong kernel below hides it; its slower main loop makes it
+// pay only where this kernel's last wave is short (svdq/backends/cuda.py, pingpong_pays).
 
 #include "launch.cuh"
 #include "sm90.cuh"
@@ -558,6 +557,252 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// Ping-pong variant (gemm variant 3): the epilogue hidden behind the other warpgroup's main loop.
+//
+// Above, both warpgroups share each k-tile (one 128-channel output tile) and both run the
+// epilogue at once, so nothing feeds the tensor cores for the epilogue's ~3.3 us per tile: ~18%
+// of a K = 3072 GEMM (run 68). Here each warpgroup owns its own output tile of 64 channels x 256
+// tokens (the same m64n256 accumulators per thread) and the CTA's tiles alternate between them:
+// warpgroup 0 takes tiles 0, 2, 4 ... of the CTA, warpgroup 1 tiles 1, 3, 5 .... Their main
+// loops take turns (a named-barrier hand-off: a warpgroup starts its tile once the other has
+// issued its last k-tile's wgmmas), so one warpgroup's epilogue runs during the other's main
+// loop. The price: the codes tile of a k-tile now serves 64 channels, not 128, so the codes'
+// L2-to-shared traffic doubles (~5-10% of the main loop, run 138), and one warpgroup's main loop
+// alone runs slower than two sharing a tile: measured per 64-channel tile at K = 3072 (runs
+// 145-148) ~1.07x half a tile above, and 1.1-1.2x at K >= 12288, where the epilogue is ~5% of a
+// tile. It wins where the kernel above leaves a short last wave (proj at 2048-6144 tokens,
+// 0.84-0.95x; qkv at 1024-2048); svdq/backends/cuda.py (pingpong_pays) picks by that count.
+//
+// One k-tile stream per CTA, as above (tile 0's k-tiles, then tile 1's, ...), in S stages of
+//
+//   [0, BT*128)      activation codes [BT tokens][128 bytes], the same map and swizzle as above
+//   [.., +4096)      packed weights [2 groups][64 rows][32 bytes] (box {32, 64, 2})
+//   [.., +128)       multipliers [2 groups][64 rows]
+//
+// 37 KB each, filled by a third warpgroup: one thread of it walks the stream and refills a stage
+// as soon as its empty mbarrier completes. A stage is read by one MMA warpgroup, so four warps
+// arrive on that mbarrier (lane 0 of each, after the wgmma wait that retires the stage's last
+// wgmma). A warpgroup releases
+// its tile's last k-tile right after its main loop: its next k-tile is a whole tile of the other
+// warpgroup's later, and the stream would stall on a stage held through the epilogue. After the
+// stages, one 18 KB buffer per warpgroup: the branch slab (16 KB, as above) during the
+// epilogue's up-projection, then the staging of half its output tile (128 tokens x 64 channels,
+// rows padded to 144 bytes) twice. Then the barriers and each warpgroup's sx/sumq.
+//
+// The hand-off also keeps the mbarrier parities right: a warpgroup waits on a stage's full
+// barrier for stream position u only once the other has passed every position below its first
+// k-tile, so the copy of u - S has landed and the parity (u / S) & 1 cannot match a stale phase.
+// No last-wave split: half-width tiles leave at most one 64-channel tile of imbalance per CTA.
+constexpr int P_BN = 64, P_STAGES = 5;
+constexpr int P_W = H_BT * H_BK;                                    // weights after the codes
+constexpr int P_MULT = P_W + 2 * P_BN * 32;                         // multipliers after them
+constexpr int P_STAGE = (P_MULT + 2 * P_BN + 1023) / 1024 * 1024;   // 37 KB
+constexpr int P_TX = H_BT * H_BK + 2 * P_BN * 32 + 2 * P_BN;        // bytes copied per stage
+constexpr int P_BUF = (H_BT / 2) * out_stride<P_BN>() * 2;          // 18 KB: slab, then staging
+constexpr int P_BUFS = P_STAGES * P_STAGE;                          // [2 warpgroups][P_BUF]
+constexpr int P_BARS = P_BUFS + 2 * P_BUF;
+constexpr int P_SXQ = P_BARS + 128;        // sx [2 warpgroups][BT], then sumq [2][BT]
+constexpr int P_SMEM = P_SXQ + 2 * 2 * H_BT * 4 + 1024;             // + alignment
+static_assert(P_SMEM <= 227 * 1024, "one CTA per SM, within the opt-in shared memory");
+static_assert(P_TX <= P_STAGE && H_ACT_BYTES <= P_BUF && P_BUF % 1024 == 0,
+              "a stage holds a k-tile's copies; a buffer holds the slab, 1024-aligned");
+// named barriers: 1 + w "warpgroup w may start its main loop", 3 + w warpgroup w alone
+[[maybe_unused]] constexpr int P_TURN = 1, P_WG = 3;  // unused without sm_90a
+// A third warpgroup (the first) issues the copies, so that no MMA warp stops to issue them: with
+// the refills on the MMA warps (a warp whose release completed a stage copied into it) this
+// kernel was 1.2-1.4x slower than the one above at every FLUX shape (runs 140-144), with the
+// copy warpgroup 0.91-1.07x at K = 3072 (run 145). Registers at launch:
+// 65536 / 384 threads = 168 each; the copy warpgroup keeps 40, the MMA warpgroups take 232
+// (128 * 40 + 256 * 232 = 64512). ptxas reports 168 and allocates the MMA code within 232
+// (its SASS uses up to R227, no spills; the k loop keeps `WARPGROUP.DEPBAR.LE gsb0, 0x3`).
+constexpr int P_THREADS = 384;
+[[maybe_unused]] constexpr int P_REG_COPY = 40, P_REG_MMA = 232;  // unused without sm_90a
+
+template <typename T>
+__global__ void __launch_bounds__(P_THREADS, 1)
+gemm_sm90_pp_kernel(const __grid_constant__ CUtensorMap tm_codes,
+                    const __grid_constant__ CUtensorMap tm_w,
+                    const __grid_constant__ CUtensorMap tm_mult,
+                    const __grid_constant__ CUtensorMap tm_act, const float* __restrict__ sx,
+                    const int* __restrict__ sumq, const float* __restrict__ row_scale,
+                    const T* __restrict__ up, int R, const T* __restrict__ bias,
+                    T* __restrict__ y, int M, int N, int K) {
+#ifdef SVDQ_SM90A_DEVICE
+  constexpr int S = P_STAGES, NT = H_BT / 8, BT = H_BT, BN = P_BN, WG_THREADS = 128;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + P_BARS);
+  uint64_t* empty = full + S;     // per stage: its four reading warps are done with it
+  uint64_t* act_full = empty + S; // [2]: a slab of warpgroup w's branch activation has landed
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
+  const int wg = warp / 4 - 1, wt = tid % WG_THREADS;  // wg -1: the copy warpgroup
+  const int KT = (K + H_BK - 1) / H_BK;
+  const int n_tiles_n = (N + BN - 1) / BN, n_tiles = n_tiles_n * ((M + BT - 1) / BT);
+  const int my_tiles = (n_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+  if (my_tiles <= 0) return;
+  uint8_t* buf = smem + P_BUFS + wg * P_BUF;
+  float* ssx = reinterpret_cast<float*>(smem + P_SXQ) + wg * BT;
+  int* ssq = reinterpret_cast<int*>(smem + P_SXQ) + 2 * BT + wg * BT;
+
+  auto tile_of = [&](int j, int& n0, int& tk0) {  // tile j of this CTA, channel tiles fastest
+    const int t = (int)blockIdx.x + j * (int)gridDim.x;
+    n0 = (t % n_tiles_n) * BN;
+    tk0 = (t / n_tiles_n) * BT;
+  };
+  auto issue_at = [&](int s, int kt, int n0, int tk0) {  // k-tile kt of tile (n0, tk0) into s
+    uint8_t* st = smem + s * P_STAGE;
+    mbar_expect_tx(&full[s], P_TX);
+    tma_2d(st, &tm_codes, kt * H_BK, tk0, &full[s]);
+    tma_3d(st + P_W, &tm_w, 0, n0, kt * 2, &full[s]);
+    tma_2d(st + P_MULT, &tm_mult, n0, kt * 2, &full[s]);
+  };
+  auto issue_slab = [&](int tk0, int r0) {
+    mbar_expect_tx(&act_full[wg], H_ACT_BYTES);
+    tma_2d(buf, &tm_act, 2 * r0, tk0, &act_full[wg]);
+  };
+
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4);
+    }
+    mbar_init(&act_full[0], 1);
+    mbar_init(&act_full[1], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (const CUtensorMap* m : {&tm_codes, &tm_w, &tm_mult, &tm_act})
+      if (m != &tm_act || R > 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(m) : "memory");
+  }
+  griddep_wait();  // as above: nothing global before it
+  __syncthreads();
+
+  if (wg < 0) {  // the copy warpgroup: one thread walks the stream, a stage once it is released
+    setmaxnreg_dec<P_REG_COPY>();
+    if (tid != 0) return;
+    int s = 0, phase = 0;
+    for (int j = 0, u = 0; j < my_tiles; ++j) {
+      int n0, tk0;
+      tile_of(j, n0, tk0);
+      for (int kt = 0; kt < KT; ++kt, ++u) {
+        if (u >= S) mbar_wait(&empty[s], phase ^ 1);  // position u - S is released
+        issue_at(s, kt, n0, tk0);
+        if (++s == S) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<P_REG_MMA>();
+
+  const int row = (warp % 4) * 16 + g;  // this lane's channels in the tile: row, row + 8
+  uint32_t a[4][4];                     // [k32 step][register]: four groups in flight
+  int slabs = 0;                        // this warpgroup's slab copies waited for
+
+  for (int j = wg; j < my_tiles; j += 2) {
+    int n0, tk0;
+    tile_of(j, n0, tk0);
+    // this warpgroup's previous epilogue ended with a proxy fence and its barrier: its sx/sumq
+    // and its buffer are free
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int t = min(tk0 + wt + e * WG_THREADS, M - 1);  // tokens past M: never stored
+      cp_async4(&ssx[wt + e * WG_THREADS], sx + t, 4);
+      cp_async4(&ssq[wt + e * WG_THREADS], sumq + t, 4);
+    }
+    cp_async_commit();
+    if (R > 0 && wt == 0) issue_slab(tk0, 0);
+    if (j > 0) bar_sync(P_TURN + wg, 2 * WG_THREADS);  // the other has issued tile j - 1
+    int u = j * KT, stage = u % S, phase = (u / S) & 1, prev_stage = 0;
+    int acc[NT][4];
+#pragma unroll
+    for (auto& v : acc) v[0] = v[1] = v[2] = v[3] = 0;
+    for (int kt = 0; kt < KT; ++kt, ++u) {
+      const int s = stage;
+      mbar_wait(&full[s], phase);
+      __syncwarp();
+      const uint8_t* st = smem + s * P_STAGE;
+      const uint32_t sb = smem_u32(st);
+      uint2 w_lo, w_hi;
+      uint32_t m_lo = 0, m_hi = 0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // k32 step q: k64 half q / 2, word q % 2 of each row
+        const int c = q / 2;
+        wgmma_wait<3>();  // the group that last read a[q] (k-tile u-1, step q) is done
+        if (q == 3 && kt > 0 && lane == 0) mbar_arrive(&empty[prev_stage]);  // k-tile u-1 read
+        if (q % 2 == 0) {
+          w_lo = *reinterpret_cast<const uint2*>(st + P_W + c * BN * 32 + row * 32 + 8 * tq);
+          w_hi = *reinterpret_cast<const uint2*>(st + P_W + c * BN * 32 + (row + 8) * 32 + 8 * tq);
+          m_lo = (uint8_t)st[P_MULT + c * BN + row];
+          m_hi = (uint8_t)st[P_MULT + c * BN + row + 8];
+        }
+        widen_step(q % 2 ? w_lo.y : w_lo.x, q % 2 ? w_hi.y : w_hi.x, m_lo, m_hi, a[q]);
+        wgmma_fence();
+        wgmma_u8s8(acc, a[q], desc_kmajor<H_BK>(sb + 32 * q));
+        wgmma_commit();
+      }
+      prev_stage = s;
+      if (++stage == S) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    if (j + 1 < my_tiles) bar_arrive(P_TURN + (wg ^ 1), 2 * WG_THREADS);  // the other's turn
+
+    // as above, the epilogue's global loads go out before the drain
+    const int n_lo = min(n0 + row, N - 1), n_hi = min(n0 + row + 8, N - 1);
+    const float rs[2] = {row_scale[n_lo], row_scale[n_hi]};
+    uint32_t ua[H_ACT_R / 16][4];
+    load_up(ua, up, n_lo, n_hi, R, 0, tq);
+    wgmma_wait<0>();
+    pin<NT>(acc);
+    // the last k-tile's stage goes back to the stream now, not after the epilogue
+    if (lane == 0) mbar_arrive(&empty[prev_stage]);
+    cp_async_wait<0>();
+    bar_sync(P_WG + wg, WG_THREADS);  // publishes this warpgroup's sx/sumq
+
+    // the epilogue of the kernel above, per warpgroup
+    float f[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) dequant_n8(acc[i], 8 * i + 2 * tq, BT, ssx, ssq, rs, f[i]);
+    for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
+      if (r0 > 0) {  // the previous slab's wgmmas are done in every warp: reuse the buffer
+        bar_sync(P_WG + wg, WG_THREADS);
+        if (wt == 0) issue_slab(tk0, r0);
+        load_up(ua, up, n_lo, n_hi, R, r0, tq);
+      }
+      const int steps = min(H_ACT_R, R - r0) / 16;
+      mbar_wait(&act_full[wg], slabs & 1);
+      ++slabs;
+      const uint32_t sa = smem_u32(buf);
+      switch (steps) {
+        case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
+        default: lowrank_wgmma<T, 2>(f, ua, sa); break;
+      }
+      pin<NT>(f);
+    }
+    const float bv[2] = {bias ? F16<T>::to_f(bias[n_lo]) : 0.f, bias ? F16<T>::to_f(bias[n_hi]) : 0.f};
+    T* so = reinterpret_cast<T*>(buf);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // before the first half: every warp's branch wgmmas are done with the slab; before the
+      // second: the first half has been copied out
+      if (h == 1 || R > 0) bar_sync(P_WG + wg, WG_THREADS);
+#pragma unroll
+      for (int i = 0; i < NT / 2; i += 2)
+        stage_n16<T, BN>(f[h * NT / 2 + i], f[h * NT / 2 + i + 1], bv, bias != nullptr, so, 8 * i,
+                         row - g, lane);
+      bar_sync(P_WG + wg, WG_THREADS);
+      store_tile<T, BT / 2, BN, WG_THREADS>(so, y, tk0 + h * BT / 2, n0, M, N, wt);
+    }
+    // the buffer's generic reads and writes before the next slab's async-proxy copy into it
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    bar_sync(P_WG + wg, WG_THREADS);
+  }
+#endif
+}
+
 }  // namespace svdq
 
 // output tiles of the wgmma GEMM (what split_plan, the launcher and the workspace count)
@@ -692,6 +937,37 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
                      tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N,
                      K, full, splits, plan.halves, work, arrived);
 }
+
+// The ping-pong kernel (variant 3): 64-channel tiles, no last-wave split, no workspace.
+template <typename T>
+static int launch_sm90_pp(const int8_t* codes, const float* sx, const int* sumq,
+                          const uint8_t* qweight, const int8_t* multT, const float* row_scale,
+                          const void* act, const void* up, int R, const void* bias, void* y, int M,
+                          int N, int K, cudaStream_t stream) {
+  using namespace svdq;
+  CUtensorMap tc, tw, tm, ta{};
+  int rc = make_map<2>(&tc, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
+                       {(cuuint32_t)H_BK, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (!rc)
+    rc = make_map<3>(&tw, qweight, {32, (cuuint64_t)N, (cuuint64_t)(K / 64)},
+                     {(cuuint64_t)(K / 2), 32}, {32, (cuuint32_t)P_BN, 2},
+                     CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (!rc)
+    rc = make_map<2>(&tm, multT, {(cuuint64_t)N, (cuuint64_t)(K / 64)}, {(cuuint64_t)N},
+                     {(cuuint32_t)P_BN, 2}, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (!rc && R > 0)
+    rc = make_map<2>(&ta, act, {(cuuint64_t)R * 2, (cuuint64_t)M}, {(cuuint64_t)R * 2},
+                     {(cuuint32_t)H_ACT_R * 2, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_64B);
+  if (rc) return rc;
+  const cudaError_t e = cudaFuncSetAttribute(gemm_sm90_pp_kernel<T>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, P_SMEM);
+  if (e != cudaSuccess) return (int)e;
+  const int tiles = ((N + P_BN - 1) / P_BN) * ((M + H_BT - 1) / H_BT);
+  int grid = sm_count();
+  if (grid <= 0 || tiles < grid) grid = tiles;
+  return (int)launch(gemm_sm90_pp_kernel<T>, grid, P_THREADS, P_SMEM, stream, true, tc, tw, tm,
+                     ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K);
+}
 #endif  // SVDQ_SM90A
 
 // int32 words of workspace the GEMM needs for M x N x K (partial sums, then arrival counters)
@@ -706,10 +982,16 @@ long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K) {
 int svdq_w4a8_gemm_sm90(const int8_t* codes, const float* sx, const int* sumq,
                         const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                         const void* act, const void* up, int R, const void* bias, void* y, int M,
-                        int N, int K, bool fp16, int* work, cudaStream_t stream) {
+                        int N, int K, bool fp16, bool pingpong, int* work, cudaStream_t stream) {
 #ifndef SVDQ_SM90A
   return (int)cudaErrorInvalidDeviceFunction;  // this build has no sm_90a code
 #else
+  if (pingpong && fp16)
+    return launch_sm90_pp<__half>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y,
+                                  M, N, K, stream);
+  if (pingpong)
+    return launch_sm90_pp<__nv_bfloat16>(codes, sx, sumq, qweight, multT, row_scale, act, up, R,
+                                         bias, y, M, N, K, stream);
   if (fp16)
     return launch_sm90<__half>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y, M,
                                N, K, work, stream);

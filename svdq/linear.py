@@ -53,7 +53,7 @@ class SVDQLinear(nn.Module):
             self.register_buffer("lowrank_up", torch.zeros(n, rank, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
         self.segments: list[Segment] = []
-        self.backend = None                   # None: svdq.backends.default()
+        self.backend = None                   # None: svdq.backends.default(its device)
         self._branch_cache = None
         self._prepared = None
 
@@ -160,7 +160,7 @@ class SVDQLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SVDQLinear expects inputs with {self.in_features} features, got "
                              f"shape {tuple(x.shape)}")
-        backend = self.backend or backends.default()
+        backend = self.backend or backends.default(self.qweight.device)
         x2 = x.reshape(-1, self.in_features)
         y = backend.forward(self, self.prepared(backend), x2)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -267,7 +267,7 @@ def test_programmatic_launch_chain(gen, monkeypatch, act_variant):
 
 def _gemm_variants(n=16):
     from svdq import build
-    return (1, 2) if build.load().WGMMA and n % 16 == 0 else (1,)
+    return (1, 2, 3) if build.load().WGMMA and n % 16 == 0 else (1,)
 
 
 GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
@@ -346,7 +346,7 @@ def test_gemm_variant_unavailable_is_refused(gen):
     layer = make_layer(gen, 128, n, 0, torch.bfloat16)
     with pytest.raises(RuntimeError, match=match):
         be.run(layer, be.prepare(layer), make_x(gen, 3, 128, torch.bfloat16))
-    assert CudaBackend().gemm_variant_for(n) == 1   # the automatic choice falls back
+    assert CudaBackend().gemm_variant_for(3, n, 128) == 1   # the automatic choice falls back
 
 
 _BAD_INPUT = """

@@ -48,6 +48,22 @@ def test_nonfinite_token_rows_reference(gen, rank):
     assert torch.equal(y[keep], clean[keep])
 
 
+def test_cpu_layer_runs_reference_on_a_gpu_machine(gen, monkeypatch):
+    """A layer with no backend of its own that lies on the CPU (ComfyUI --cpu, a CPU test) runs
+    the reference path even where a GPU is present: the default is chosen per device type (run
+    154 on the H200 raised 'the layer lies on cpu' from the CUDA backend instead)."""
+    from svdq import backends
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_auto", {})
+    monkeypatch.setattr(backends, "_default", None)
+    layer = make_layer(gen, rank=16)
+    x = torch.randn(7, 192, generator=gen)
+    y = layer(x)
+    assert backends.default("cpu").name == "reference"
+    layer.set_backend("reference")
+    assert torch.equal(y, layer(x))
+
+
 def test_int_gemm_is_exact(gen):
     xq = torch.randint(-127, 128, (5, 3000), generator=gen).float()
     wq = torch.randint(-128, 113, (6, 3000), generator=gen).float()
@@ -104,6 +120,24 @@ def test_cuda_activation_kernel_choice(monkeypatch):
                      16896: 0}                        # four full waves
     be.act_variant = 0
     assert be.act_variant_for(4608) == 0
+
+
+def test_cuda_gemm_kernel_choice():
+    """The wgmma GEMM's two kernels by shape (no GPU needed): the ping-pong kernel only at
+    K <= 4096 and where the cooperative kernel's last wave of 128 x 256 tiles is short enough that
+    twice as many 64-channel tiles at 1.1x half the cost finish sooner. On 132 SMs that is where
+    it was measured faster (bench/NOTES.md, runs 145-148), and nowhere it was measured slower."""
+    from svdq.backends.cuda import pingpong_pays
+    flux = {"qkv": (3072, 9216), "proj": (3072, 3072), "mlp_fc1": (3072, 12288),
+            "mlp_fc2": (12288, 3072), "single_in": (3072, 21504), "single_out": (15360, 3072)}
+    picks = {(m, name) for m in (1024, 2048, 3072, 4608, 6144, 8192)
+             for name, (k, n) in flux.items() if pingpong_pays(m, n, k, 132)}
+    assert picks == {(1024, "qkv"), (2048, "qkv"), (2048, "proj"), (3072, "proj"),
+                     (4608, "proj"), (6144, "proj")}
+    # proj at 4608 tokens: 432 cooperative tiles take 4 rounds, 864 ping-pong tiles 7 half-cost
+    # rounds (3.85 < 4); qkv: 10 rounds against 20 (11 > 10); K above the limit: never
+    assert pingpong_pays(4608, 3072, 3072, 132) and not pingpong_pays(4608, 9216, 3072, 132)
+    assert not pingpong_pays(4608, 3072, 4160, 132) and not pingpong_pays(4608, 3072, 3072, 0)
 
 
 @pytest.mark.parametrize("r,k", [(16, 64), (48, 192)])

@@ -26,7 +26,8 @@ _FACTORIES = {
 }
 _INSTANCES: dict = {}
 _AUTO_ORDER = ["cuda"]          # compiled backends tried by "auto", best first
-_default = None
+_default = None                 # set_default's choice, for every device
+_auto: dict = {}                # device type -> auto-selected backend
 _warned: set = set()
 
 
@@ -83,15 +84,21 @@ def select(name: str | None = "auto", device=None):
     return get("reference")
 
 
-def default():
-    """The process-wide default backend (auto-selected once, on first use)."""
-    global _default
-    if _default is None:
-        _default = select("auto")
-    return _default
+def default(device=None):
+    """The process-wide default backend for layers on `device` (set_default's, or auto-selected
+    once per device type: a layer kept on the CPU of a machine with a GPU runs the reference
+    path, not the CUDA kernels)."""
+    if _default is not None:
+        return _default
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type not in _auto:
+        _auto[device.type] = select("auto", device)
+    return _auto[device.type]
 
 
 def set_default(name_or_backend) -> None:
+    """Run every layer without a backend of its own on this one (None: auto-select again)."""
     global _default
     _default = get(name_or_backend) if isinstance(name_or_backend, str) else name_or_backend
 

@@ -66,6 +66,30 @@ def branch_down_layout(down: torch.Tensor) -> torch.Tensor:
     return down.view(r // 16, 2, 8, k // 2, 2).permute(0, 2, 3, 1, 4).reshape(r, k)
 
 
+PINGPONG_MAX_K = 4096     # above it the per-tile epilogue that ping-pong hides is <= ~5% of a tile
+PINGPONG_TILE_COST = 1.1  # a 64-channel ping-pong tile against half a 128-channel cooperative one
+
+
+def pingpong_pays(m: int, n: int, k: int, sms: int) -> bool:
+    """Whether the ping-pong wgmma GEMM (variant 3) beats the cooperative one (2) on `sms` SMs.
+
+    Both are persistent, one CTA per SM, so each takes as long as its busiest CTA: ceil(tiles /
+    sms) tiles. A ping-pong tile is half as wide (64 channels) and its epilogue hides behind the
+    other warpgroup's main loop, but its main loop alone runs slower; measured at K = 3072 on the
+    H200 (bench/NOTES.md, runs 145-148) it costs ~1.07x half a cooperative tile, so it wins only
+    where the cooperative kernel's last wave is short: proj (3072 -> 3072) at 2048-6144 tokens
+    0.84-0.95x, qkv at 1024-2048 tokens 0.87-0.96x; everywhere else it lost 0-21%. 1.1 keeps
+    single_in at 1024 tokens (predicted 0.98 at 1.07, measured 1.005-1.02) on the cooperative
+    kernel.
+    """
+    if k > PINGPONG_MAX_K or sms <= 0:
+        return False
+    token_tiles = -(-m // 256)
+    coop = -(-(-(-n // 128) * token_tiles) // sms)
+    pingpong = -(-(-(-n // 64) * token_tiles) // sms)
+    return PINGPONG_TILE_COST * pingpong / 2 < coop
+
+
 def check_shape(in_features: int, out_features: int) -> None:
     if in_features <= 0 or in_features % 64 or in_features > MAX_K:
         raise ValueError(f"SVDQuant cuda backend: in_features={in_features} must be a positive "
@@ -77,8 +101,9 @@ def check_shape(in_features: int, out_features: int) -> None:
 
 class CudaBackend:
     name = "cuda"
-    # GEMM kernel: 1 = mma.sync (csrc/w4a8.cu, sm_80+), 2 = wgmma (csrc/w4a8_sm90.cu, Hopper
-    # builds only); both give the same bits. None = the fastest this build has.
+    # GEMM kernel: 1 = mma.sync (csrc/w4a8.cu, sm_80+), 2 = wgmma, 3 = wgmma with ping-pong
+    # warpgroups (csrc/w4a8_sm90.cu, Hopper builds only); all give the same bits. None = the
+    # fastest this build has for the shape (gemm_variant_for).
     gemm_variant = (int(os.environ["SVDQ_GEMM_VARIANT"]) if os.environ.get("SVDQ_GEMM_VARIANT")
                     else None)
     # activation kernels (csrc/w4a8.cu): 0 = act_kernel with 16-token blocks, 1 = with 8-token
@@ -107,22 +132,26 @@ class CudaBackend:
     def ext():
         return _build.load()
 
-    def gemm_variant_for(self, n: int) -> int:
-        """The GEMM kernel for N output channels: wgmma where the build has it (Hopper) and its TMA
-        copies allow (N % 16 == 0), else mma.sync."""
+    def gemm_variant_for(self, m: int, n: int, k: int, device=None) -> int:
+        """The GEMM kernel for M tokens x K -> N: wgmma where the build has it (Hopper) and its
+        TMA copies allow (N % 16 == 0), else mma.sync; on wgmma, the ping-pong kernel (3) where
+        pingpong_pays, else the cooperative one (2)."""
         wgmma = getattr(_build.load(), "WGMMA", False)
-        if self.gemm_variant is None:
-            return 2 if wgmma and n % 16 == 0 else 1
-        if self.gemm_variant == 2 and not wgmma:
-            raise RuntimeError("svdq gemm: variant 2 (wgmma) needs a Hopper GPU and an extension "
-                               "built for sm_90a; unset SVDQ_GEMM_VARIANT or use 1")
-        if self.gemm_variant == 2 and n % 16:
-            raise RuntimeError(f"svdq gemm: variant 2 (wgmma) needs out_features N % 16 == 0 (its "
-                               f"TMA copies need 16-byte strides), got N={n}; use variant 1")
-        if self.gemm_variant not in (1, 2):
-            raise RuntimeError(f"svdq gemm: variant {self.gemm_variant} is not 1 (mma.sync) or 2 "
-                               "(wgmma)")
-        return self.gemm_variant
+        v = self.gemm_variant
+        if v is None:
+            if not (wgmma and n % 16 == 0):
+                return 1
+            return 3 if pingpong_pays(m, n, k, _sm_count(device)) else 2
+        if v not in (1, 2, 3):
+            raise RuntimeError(f"svdq gemm: variant {v} is not 1 (mma.sync), 2 (wgmma) or 3 "
+                               "(wgmma, ping-pong warpgroups)")
+        if v > 1 and not wgmma:
+            raise RuntimeError(f"svdq gemm: variant {v} (wgmma) needs a Hopper GPU and an "
+                               "extension built for sm_90a; unset SVDQ_GEMM_VARIANT or use 1")
+        if v > 1 and n % 16:
+            raise RuntimeError(f"svdq gemm: variant {v} (wgmma) needs out_features N % 16 == 0 "
+                               f"(its TMA copies need 16-byte strides), got N={n}; use variant 1")
+        return v
 
     def act_variant_for(self, m: int, device=None) -> int:
         """The activation kernel for M tokens: act_variant if set, else by token count.
@@ -214,7 +243,7 @@ class CudaBackend:
         x = x.contiguous()
         m, k = x.shape
         n = layer.out_features
-        variant = self.gemm_variant_for(n)   # refuses an unavailable choice first
+        variant = self.gemm_variant_for(m, n, k, x.device)   # refuses an unavailable choice first
         dt = x.dtype
         br = self._branch(layer, prep)
         down = self._as(br["down"], dt)
