@@ -272,6 +272,32 @@ __device__ __forceinline__ void load_up(uint32_t (&ua)[H_ACT_R / 16][4], const T
     if (s16 < steps) up_fragment(ua[s16], up, n_lo, n_hi, R, r0 + 16 * s16, tq);
 }
 
+// The epilogue's low-rank up-projection in both wgmma kernels: f += up x act, R ranks in slabs of
+// H_ACT_R. Slab 0 and ua's first fragments are in flight already; before each later slab,
+// next_slab(r0) waits until every warp sharing the buffer is done with the previous slab and
+// copies slab r0 into it. `slabs` counts the copies waited for (the mbarrier's parity).
+template <typename T, typename NextSlab>
+__device__ __forceinline__ void lowrank_epilogue(float (&f)[32][4],
+                                                 uint32_t (&ua)[H_ACT_R / 16][4],
+                                                 const T* __restrict__ up, int n_lo, int n_hi,
+                                                 int R, int tq, uint64_t* slab_full, int& slabs,
+                                                 uint32_t sa, NextSlab next_slab) {
+  for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
+    if (r0 > 0) {
+      next_slab(r0);
+      load_up(ua, up, n_lo, n_hi, R, r0, tq);
+    }
+    const int steps = min(H_ACT_R, R - r0) / 16;
+    mbar_wait(slab_full, slabs & 1);
+    ++slabs;
+    switch (steps) {  // straight-line wgmma groups: no branch between the fence and the wgmmas
+      case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
+      default: lowrank_wgmma<T, 2>(f, ua, sa); break;
+    }
+    pin<32>(f);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(H_THREADS, 1)
 gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
@@ -518,22 +544,11 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
     float f[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) dequant_n8(acc[i], 8 * i + 2 * tq, BT, ssx + pb, ssq + pb, rs, f[i]);
-    for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
-      if (r0 > 0) {  // the previous slab's wgmmas are done in both warpgroups: reuse its buffer
-        __syncthreads();
-        if (tid == 0) issue_slab(tk0, r0);
-        load_up(ua, up, n_lo, n_hi, R, r0, tq);
-      }
-      const int steps = min(H_ACT_R, R - r0) / 16;
-      mbar_wait(act_full, slabs & 1);
-      ++slabs;
-      const uint32_t sa = smem_u32(slab);
-      switch (steps) {  // straight-line wgmma groups: no branch between the fence and the wgmmas
-        case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
-        default: lowrank_wgmma<T, 2>(f, ua, sa); break;
-      }
-      pin<NT>(f);
-    }
+    lowrank_epilogue<T>(f, ua, up, n_lo, n_hi, R, tq, act_full, slabs, smem_u32(slab),
+                        [&](int r0) {  // both warpgroups are done with the previous slab
+                          __syncthreads();
+                          if (tid == 0) issue_slab(tk0, r0);
+                        });
     const float bv[2] = {bias ? F16<T>::to_f(bias[n_lo]) : 0.f, bias ? F16<T>::to_f(bias[n_hi]) : 0.f};
     T* so = reinterpret_cast<T*>(out_stage);
 #pragma unroll
@@ -766,22 +781,11 @@ gemm_sm90_pp_kernel(const __grid_constant__ CUtensorMap tm_codes,
     float f[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) dequant_n8(acc[i], 8 * i + 2 * tq, BT, ssx, ssq, rs, f[i]);
-    for (int r0 = 0; r0 < R; r0 += H_ACT_R) {
-      if (r0 > 0) {  // the previous slab's wgmmas are done in every warp: reuse the buffer
-        bar_sync(P_WG + wg, WG_THREADS);
-        if (wt == 0) issue_slab(tk0, r0);
-        load_up(ua, up, n_lo, n_hi, R, r0, tq);
-      }
-      const int steps = min(H_ACT_R, R - r0) / 16;
-      mbar_wait(&act_full[wg], slabs & 1);
-      ++slabs;
-      const uint32_t sa = smem_u32(buf);
-      switch (steps) {
-        case 1: lowrank_wgmma<T, 1>(f, ua, sa); break;
-        default: lowrank_wgmma<T, 2>(f, ua, sa); break;
-      }
-      pin<NT>(f);
-    }
+    lowrank_epilogue<T>(f, ua, up, n_lo, n_hi, R, tq, &act_full[wg], slabs, smem_u32(buf),
+                        [&](int r0) {  // this warpgroup is done with the previous slab
+                          bar_sync(P_WG + wg, WG_THREADS);
+                          if (wt == 0) issue_slab(tk0, r0);
+                        });
     const float bv[2] = {bias ? F16<T>::to_f(bias[n_lo]) : 0.f, bias ? F16<T>::to_f(bias[n_hi]) : 0.f};
     T* so = reinterpret_cast<T*>(buf);
 #pragma unroll
