@@ -890,6 +890,32 @@ static int make_map(CUtensorMap* map, const void* base, const cuuint64_t (&dims)
   return r == CUDA_SUCCESS ? 0 : (int)cudaErrorInvalidValue;
 }
 
+// The tensor maps both wgmma kernels copy through, for tiles of bn channels x H_BT tokens:
+// codes [M][K] (boxes of H_BK bytes x H_BT tokens, 128-byte swizzle), qweight as {32 bytes,
+// N rows (stride K/2), K/64 groups (stride 32)} (boxes {32, bn, 2}), multT [K/64][N] (boxes
+// {bn, 2}) and the branch activation [M, R] 16-bit as bytes, 32 ranks (64 bytes) by H_BT tokens
+// a box, with the 64-byte swizzle; ranks past R arrive as zeros and are never multiplied (ta is
+// left zeroed and unused when R == 0).
+static int operand_maps(CUtensorMap* tc, CUtensorMap* tw, CUtensorMap* tm, CUtensorMap* ta,
+                        const int8_t* codes, const uint8_t* qweight, const int8_t* multT,
+                        const void* act, int R, int M, int N, int K, int bn) {
+  using namespace svdq;
+  *ta = CUtensorMap{};
+  int rc = make_map<2>(tc, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
+                       {(cuuint32_t)H_BK, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (!rc)
+    rc = make_map<3>(tw, qweight, {32, (cuuint64_t)N, (cuuint64_t)(K / 64)},
+                     {(cuuint64_t)(K / 2), 32}, {32, (cuuint32_t)bn, 2},
+                     CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (!rc)
+    rc = make_map<2>(tm, multT, {(cuuint64_t)N, (cuuint64_t)(K / 64)}, {(cuuint64_t)N},
+                     {(cuuint32_t)bn, 2}, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (!rc && R > 0)
+    rc = make_map<2>(ta, act, {(cuuint64_t)R * 2, (cuuint64_t)M}, {(cuuint64_t)R * 2},
+                     {(cuuint32_t)H_ACT_R * 2, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_64B);
+  return rc;
+}
+
 template <typename T>
 static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
                       const uint8_t* qweight, const int8_t* multT, const float* row_scale,
@@ -902,27 +928,13 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   const int sms = sm_count();
   const WavePlan plan = split_plan(M, N, K, sms);
   const int full = plan.full_tiles, splits = plan.splits;
-  CUtensorMap tc, tw, tm;
-  int rc = make_map<2>(&tc, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
-                       {(cuuint32_t)H_BK, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_128B);
+  CUtensorMap tc, tw, tm, ta;
+  int rc = operand_maps(&tc, &tw, &tm, &ta, codes, qweight, multT, act, R, M, N, K, H_BN);
   // a token half's codes: 128 token rows a box. Unused without token halves.
   CUtensorMap th{};
   if (!rc && plan.halves > 1)
     rc = make_map<2>(&th, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
                      {(cuuint32_t)H_BK, (cuuint32_t)(H_BT / 2)}, CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!rc)
-    rc = make_map<3>(&tw, qweight, {32, (cuuint64_t)N, (cuuint64_t)(K / 64)},
-                     {(cuuint64_t)(K / 2), 32}, {32, (cuuint32_t)H_BN, 2},
-                     CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (!rc)
-    rc = make_map<2>(&tm, multT, {(cuuint64_t)N, (cuuint64_t)(K / 64)}, {(cuuint64_t)N},
-                     {(cuuint32_t)H_BN, 2}, CU_TENSOR_MAP_SWIZZLE_NONE);
-  // the branch activation [M, R] 16-bit as bytes, 32 ranks (64 bytes) by 256 tokens a box, with
-  // the 64-byte swizzle; ranks past R arrive as zeros and are never multiplied. Unused when R == 0.
-  CUtensorMap ta{};
-  if (!rc && R > 0)
-    rc = make_map<2>(&ta, act, {(cuuint64_t)R * 2, (cuuint64_t)M}, {(cuuint64_t)R * 2},
-                     {(cuuint32_t)H_ACT_R * 2, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_64B);
   if (rc) return rc;
   cudaError_t e = cudaFuncSetAttribute(gemm_sm90_kernel<T>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
@@ -949,19 +961,8 @@ static int launch_sm90_pp(const int8_t* codes, const float* sx, const int* sumq,
                           const void* act, const void* up, int R, const void* bias, void* y, int M,
                           int N, int K, cudaStream_t stream) {
   using namespace svdq;
-  CUtensorMap tc, tw, tm, ta{};
-  int rc = make_map<2>(&tc, codes, {(cuuint64_t)K, (cuuint64_t)M}, {(cuuint64_t)K},
-                       {(cuuint32_t)H_BK, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!rc)
-    rc = make_map<3>(&tw, qweight, {32, (cuuint64_t)N, (cuuint64_t)(K / 64)},
-                     {(cuuint64_t)(K / 2), 32}, {32, (cuuint32_t)P_BN, 2},
-                     CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (!rc)
-    rc = make_map<2>(&tm, multT, {(cuuint64_t)N, (cuuint64_t)(K / 64)}, {(cuuint64_t)N},
-                     {(cuuint32_t)P_BN, 2}, CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (!rc && R > 0)
-    rc = make_map<2>(&ta, act, {(cuuint64_t)R * 2, (cuuint64_t)M}, {(cuuint64_t)R * 2},
-                     {(cuuint32_t)H_ACT_R * 2, (cuuint32_t)H_BT}, CU_TENSOR_MAP_SWIZZLE_64B);
+  CUtensorMap tc, tw, tm, ta;
+  const int rc = operand_maps(&tc, &tw, &tm, &ta, codes, qweight, multT, act, R, M, N, K, P_BN);
   if (rc) return rc;
   const cudaError_t e = cudaFuncSetAttribute(gemm_sm90_pp_kernel<T>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, P_SMEM);
