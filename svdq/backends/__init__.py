@@ -57,11 +57,17 @@ def _warn_once(msg: str) -> None:
         log.warning(msg)
 
 
+def _device(device) -> torch.device:
+    """`device`, or the GPU when there is one and the CPU otherwise."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def select(name: str | None = "auto", device=None):
     """Return the backend to use on `device` ("auto" unless SVDQ_BACKEND or `name` says)."""
     name = os.environ.get("SVDQ_BACKEND") or name or "auto"
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    device = _device(device)
     if name != "auto":
         backend = get(name)
         ok, why = backend.available(device)
@@ -90,8 +96,7 @@ def default(device=None):
     path, not the CUDA kernels)."""
     if _default is not None:
         return _default
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    device = _device(device)
     if device.type not in _auto:
         _auto[device.type] = select("auto", device)
     return _auto[device.type]
