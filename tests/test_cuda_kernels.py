@@ -333,6 +333,57 @@ def test_gemm_variants_bitwise(gen, m, k, n, rank, dtype):
     print(f"[gemm] {m}x{k}x{n} r{rank} {dtype}: variants {tuple(outs)} identical")
 
 
+# N % 16 == 0, so that every GEMM variant runs on Hopper builds
+LARGE_SUM_SHAPES = [(333, 3072, 272), (4608, 3072, 3072), (129, 15360, 256)]
+
+
+@pytest.mark.parametrize("rank", [0, 32])
+@pytest.mark.parametrize("m,k,n", LARGE_SUM_SHAPES,
+                         ids=[f"{m}x{k}x{n}" for m, k, n in LARGE_SUM_SHAPES])
+def test_gemm_large_sums(gen, m, k, n, rank):
+    """Integer sums v = acc - 128*sumq beyond 2^22, where fp32 starts to round them (and where
+    an int-to-float shortcut by exponent bits stops being exact: bench/NOTES.md, run 163): a
+    third of the channels hold every code 7 at one scale per row and a third of the tokens
+    quantize to 127 throughout, so every tile mixes such sums with ordinary ones. Every variant
+    bitwise equal to mma.sync, and rank 0 bitwise equal to the reference."""
+    from svdq import quant, reference
+    from svdq.backends.cuda import CudaBackend
+    dtype = torch.bfloat16
+    _, ref = _backends()
+    layer = make_layer(gen, k, n, rank, dtype)
+    hot_n = (torch.rand(n, generator=gen) < 0.33).cuda()
+    hot_t = (torch.rand(m, generator=gen) < 0.33).cuda()
+    with torch.no_grad():
+        codes = quant.unpack_int4(layer.qweight)
+        codes[hot_n] = 7
+        ws = layer.wscales.clone()
+        ws[hot_n] = ws[hot_n].amax(-1, keepdim=True)
+        layer.qweight.copy_(quant.pack_int4(codes))
+        layer.wscales.copy_(ws)
+    layer.invalidate()
+    x = make_x(gen, m, k, dtype)
+    x[hot_t] = layer.smooth.to(dtype)        # x * inv_smooth ~ 1 everywhere: codes 127
+    # the sums the kernels convert, from the reference's integer parts
+    qx, _ = quant.quantize_act(x.float() * (1.0 / layer.smooth.float()), 8, None)
+    _, mult = quant.fold_group_scales(codes, layer.wscales)
+    v = reference.int_gemm(qx, quant.folded_weight(codes, mult))
+    big = float((v.abs() >= 2 ** 22).float().mean())
+    assert 0.02 < big < 0.5, f"{big:.1%} of the sums beyond 2^22: the test lost its mix"
+    outs = {}
+    for var in _gemm_variants(n):
+        be = CudaBackend()
+        be.gemm_variant = var
+        outs[var] = be.run(layer, be.prepare(layer), x,
+                           out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+    check_close(outs[1], ref.forward(layer, ref.prepare(layer), x), dtype, exact=(rank == 0),
+                layer=layer, x=x)
+    for var, y in outs.items():
+        assert torch.equal(y, outs[1]), (f"variant {var} differs from mma.sync in "
+                                         f"{int((y != outs[1]).sum())} elements")
+    print(f"[large sums] {m}x{k}x{n} r{rank}: {big:.1%} of |v| >= 2^22, "
+          f"variants {tuple(outs)} identical")
+
+
 def test_gemm_variant_unavailable_is_refused(gen):
     """Variant 2 (wgmma) is refused with a message that says what it needs: an sm_90a build
     elsewhere, out_features % 16 == 0 on Hopper (its TMA copies need 16-byte strides)."""
