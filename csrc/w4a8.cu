@@ -59,6 +59,7 @@
 // low-rank MMAs accumulate straight into the dequantized main result.
 // ---------------------------------------------------------------------------------------------
 
+#include <algorithm>
 #include <cfloat>
 #include <type_traits>
 
@@ -375,7 +376,7 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 // block's time while the others idle (ncu run 37: the SMs active 36 K of 57 K cycles at
 // K = 3072, 141 K of 227 K at K = 12288). The per-token scale needs the whole row, so a finer
 // split along K needs the row's maxima before any code is written. Two launches:
-//   act_stats_kernel  block = 32 tokens x one k-chunk (act_chunk: 1024-2560 values): the
+//   act_stats_kernel  block = 32 tokens x one k-chunk (act_chunk: 1024 values and up): the
 //                     chunk's |x * inv_smooth| maxima and its share of x . down^T, as fp32
 //                     partials in global memory; many short blocks, no long last wave.
 //   act_quant_kernel  warp = one token row: the row maxima from the chunk maxima (max is
@@ -413,15 +414,31 @@ constexpr int STATS_MIN_BLOCKS =
     4;
 #endif
 constexpr int QUANT_WARPS = 4;                    // rows per block, one per warp
+constexpr int QUANT_KC = 8;  // chunk partials held in registers per row (act_chunk's cap)
 constexpr int QUANT_THREADS = QUANT_WARPS * 32;
 
-// k-chunk per act_stats_kernel block: a multiple of STATS_WARPS * 32. Measured best of 512 /
-// 1024 / 2048 (runs 51-52): shorter chunks add partials, longer ones lengthen each warp's chain.
-// Above K = 12288, 2560: K = 15360 in 6 chunks (864 blocks at 4608 tokens, 1.6 waves of 4 per
-// SM) instead of 8 with a short last one (2.2 waves): the pair 1.3% faster (run 158).
-__host__ __device__ inline int act_chunk(int K) { return K <= 4096 ? 1024 : K <= 12288 ? 2048 : 2560; }
+// k-chunk per act_stats_kernel block, for M tokens on `sms` SMs: a multiple of STATS_WARPS * 32.
+// Up to K = 4096, 1024: measured best of 512 / 1024 / 2048 (runs 51-52; shorter chunks add
+// partials, longer ones lengthen each warp's chain). Above, as many chunks as keep the grid
+// within one wave of four blocks per SM, between 2 and QUANT_KC (and >= 1024 values each).
+// Measured against the fixed 2048 / 2560 of before (runs 166, 168; K = 12288 / 15360, pairs):
+// 4608 tokens, 3 chunks instead of 6: 2.4-2.7% faster at rank 32, the same at rank 0; 2560
+// tokens, 6 either way; 6656 and 8192 tokens, 2: 2.6-3.9% faster at rank 32, -1.2% to +0.3% at
+// rank 0 (act_kernel is picked there); 1024 tokens, 12 chunks of 1024 at K = 12288 were 8%
+// faster at rank 32, 15 at K = 15360 ~30% slower at both ranks (cause not isolated), hence the
+// cap of 8 (not measured at 1024 tokens, where act_kernel is picked).
+inline int act_chunk(int K, int M, int sms) {
+  if (K <= 4096) return 1024;
+  const int tiles = (M + STATS_TOKENS - 1) / STATS_TOKENS;
+  const int fill = 4 * sms / std::max(tiles, 1);  // chunks per tile in one wave
+  const int kc = std::min(K / 1024, std::max(2, std::min(QUANT_KC, fill)));
+  return ((K + kc - 1) / kc + STATS_THREADS - 1) / STATS_THREADS * STATS_THREADS;
+}
 // k-chunks per row: the stats grid's width and the workspace's partials per token
-__host__ __device__ inline int act_chunks(int K) { return (K + act_chunk(K) - 1) / act_chunk(K); }
+inline int act_chunks(int K, int M, int sms) {
+  const int c = act_chunk(K, M, sms);
+  return (K + c - 1) / c;
+}
 
 // grid (KC chunks, ceil(M / 32) token tiles): the chunks of one tile run side by side
 template <typename T>
@@ -502,7 +519,6 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
 // of them is used: written as plain loops, the compiler issued them as four dependent round
 // trips to L2 at rank 32 (the first partial, the next ones, rank_scale, then the maxima after
 // the act stores), and each warp's chain is the kernel's time (one wave).
-constexpr int QUANT_KC = 8;  // chunks held in registers: K <= 16384 (act_chunk); more loop
 
 // The scale of row t from its chunk maxima, for a whole warp: sx = max / 127, rcp = RN(1/sx)
 // (the largest float when the row is zero: codes 0), as act_kernel and quant.quantize_act.
@@ -717,7 +733,7 @@ static cudaError_t launch_act(const void* x, int M, int K, const float* inv_smoo
 // fp32 workspace of the split activation kernels (variant 2): chunk maxima and branch partials
 long long svdq_w4a8_act_workspace(int M, int K, int R, int variant) {
   if (variant != 2) return 0;
-  const long long KC = svdq::act_chunks(K);
+  const long long KC = svdq::act_chunks(K, M, svdq::sm_count());
   return (long long)M * KC * (1 + R);
 }
 
@@ -726,7 +742,8 @@ static cudaError_t launch_act_split(const void* x, int M, int K, const float* in
                                     const void* down, const float* rank_scale, int R,
                                     int8_t* codes, float* sx, int* sumq, void* act, float* work,
                                     cudaStream_t stream) {
-  const int chunk = svdq::act_chunk(K), KC = svdq::act_chunks(K);
+  const int sms = svdq::sm_count();
+  const int chunk = svdq::act_chunk(K, M, sms), KC = svdq::act_chunks(K, M, sms);
   float* amax_part = work;
   float* branch_part = work + (size_t)M * KC;
   dim3 grid(KC, (M + svdq::STATS_TOKENS - 1) / svdq::STATS_TOKENS);

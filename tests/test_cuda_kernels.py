@@ -129,7 +129,7 @@ def test_ranks(gen, m, k, n, rank, dtype):
 
 
 ACT_SHAPES = [(1, 64), (333, 3072), (17, 15360), (40, 704), (5, 3136), (4099, 3072),
-              (2053, 12288), (1501, 15360)]
+              (2053, 12288), (1501, 15360), (33, 12352)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -139,8 +139,9 @@ ACT_SHAPES = [(1, 64), (333, 3072), (17, 15360), (40, 704), (5, 3136), (4099, 30
 def test_activation_kernel(gen, m, k, rank, dtype, variant):
     """Codes, scales and code sums exactly as quant.quantize_act; branch activation to 1 ulp.
     Variants: act_kernel with 16- or 8-token blocks, and the split pair (act_stats_kernel +
-    act_quant_kernel), whose chunk partials cover K = 15360 in 6 chunks and K = 3136 in 4 with a
-    short last one."""
+    act_quant_kernel), whose chunk partials (csrc/w4a8.cu act_chunk; counts for 132 SMs) cover
+    K = 3136 in 4 with a short last one, K = 15360 in 8 (17 and 1501 tokens), K = 12288 in 8
+    (2053 tokens) and K = 12352 in 8 with a short last one."""
     from svdq import quant, reference
     from svdq.backends.cuda import act_perm
     cuda, _ = _backends()
