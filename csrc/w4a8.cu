@@ -518,7 +518,8 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
 // A row's small inputs (its chunk maxima, branch partials and rank scales) all leave before any
 // of them is used: written as plain loops, the compiler issued them as four dependent round
 // trips to L2 at rank 32 (the first partial, the next ones, rank_scale, then the maxima after
-// the act stores), and each warp's chain is the kernel's time (one wave).
+// the act stores), and each warp's chain is the kernel's time (one wave). So row_rcp and
+// branch_row below take their first loads from the caller or issue them unconditionally.
 
 // The scale of row t from its chunk maxima, for a whole warp: sx = max / 127, rcp = RN(1/sx)
 // (the largest float when the row is zero: codes 0), as act_kernel and quant.quantize_act.
