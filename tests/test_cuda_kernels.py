@@ -272,6 +272,28 @@ def _gemm_variants(n=16):
     return (1, 2, 3) if build.load().WGMMA and n % 16 == 0 else (1,)
 
 
+def check_gemm_variants(layer, x, rank, dtype):
+    """The layer on every GEMM variant this build has, each output overwriting a NaN-poisoned
+    buffer: mma.sync held to the reference (bitwise at rank 0), every other variant bitwise
+    equal to it. Returns the variants run."""
+    from svdq.backends.cuda import CudaBackend
+    _, ref = _backends()
+    m, n = x.shape[0], layer.out_features
+    outs = {}
+    for v in _gemm_variants(n):
+        be = CudaBackend()
+        be.gemm_variant = v
+        outs[v] = be.run(layer, be.prepare(layer), x,
+                         out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+    check_close(outs[1], ref.forward(layer, ref.prepare(layer), x), dtype, exact=(rank == 0),
+                layer=layer, x=x)
+    for v, y in outs.items():
+        assert not torch.isnan(y).any(), f"variant {v} left elements unwritten"
+        assert torch.equal(y, outs[1]), (f"variant {v} differs from mma.sync in "
+                                         f"{int((y != outs[1]).sum())} elements")
+    return tuple(outs)
+
+
 GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
                (257, 320, 1000), (129, 15360, 264), (300, 704, 392), (7, 192, 144),
                (257, 320, 1008), (129, 15360, 272),
@@ -315,23 +337,9 @@ def test_gemm_variants_bitwise(gen, m, k, n, rank, dtype):
     accumulation is exact, both epilogues round in the same order, and a k16 step of the branch
     gives the same fp32 result on wgmma as on mma.sync), each output overwriting a NaN-poisoned
     buffer; the first is also held to the reference."""
-    from svdq.backends.cuda import CudaBackend
-    _, ref = _backends()
     layer = make_layer(gen, k, n, rank, dtype)
-    x = make_x(gen, m, k, dtype)
-    outs = {}
-    for v in _gemm_variants(n):
-        be = CudaBackend()
-        be.gemm_variant = v
-        outs[v] = be.run(layer, be.prepare(layer), x,
-                         out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
-    check_close(outs[1], ref.forward(layer, ref.prepare(layer), x), dtype, exact=(rank == 0),
-                layer=layer, x=x)
-    for v, y in outs.items():
-        assert not torch.isnan(y).any(), f"variant {v} left elements unwritten"
-        assert torch.equal(y, outs[1]), (f"variant {v} differs from mma.sync in "
-                                         f"{int((y != outs[1]).sum())} elements")
-    print(f"[gemm] {m}x{k}x{n} r{rank} {dtype}: variants {tuple(outs)} identical")
+    variants = check_gemm_variants(layer, make_x(gen, m, k, dtype), rank, dtype)
+    print(f"[gemm] {m}x{k}x{n} r{rank} {dtype}: variants {variants} identical")
 
 
 # N % 16 == 0, so that every GEMM variant runs on Hopper builds
@@ -348,9 +356,7 @@ def test_gemm_large_sums(gen, m, k, n, rank):
     quantize to 127 throughout, so every tile mixes such sums with ordinary ones. Every variant
     bitwise equal to mma.sync, and rank 0 bitwise equal to the reference."""
     from svdq import quant, reference
-    from svdq.backends.cuda import CudaBackend
     dtype = torch.bfloat16
-    _, ref = _backends()
     layer = make_layer(gen, k, n, rank, dtype)
     hot_n = (torch.rand(n, generator=gen) < 0.33).cuda()
     hot_t = (torch.rand(m, generator=gen) < 0.33).cuda()
@@ -370,19 +376,9 @@ def test_gemm_large_sums(gen, m, k, n, rank):
     v = reference.int_gemm(qx, quant.folded_weight(codes, mult))
     big = float((v.abs() >= 2 ** 22).float().mean())
     assert 0.02 < big < 0.5, f"{big:.1%} of the sums beyond 2^22: the test lost its mix"
-    outs = {}
-    for var in _gemm_variants(n):
-        be = CudaBackend()
-        be.gemm_variant = var
-        outs[var] = be.run(layer, be.prepare(layer), x,
-                           out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
-    check_close(outs[1], ref.forward(layer, ref.prepare(layer), x), dtype, exact=(rank == 0),
-                layer=layer, x=x)
-    for var, y in outs.items():
-        assert torch.equal(y, outs[1]), (f"variant {var} differs from mma.sync in "
-                                         f"{int((y != outs[1]).sum())} elements")
+    variants = check_gemm_variants(layer, x, rank, dtype)
     print(f"[large sums] {m}x{k}x{n} r{rank}: {big:.1%} of |v| >= 2^22, "
-          f"variants {tuple(outs)} identical")
+          f"variants {variants} identical")
 
 
 def test_gemm_variant_unavailable_is_refused(gen):
