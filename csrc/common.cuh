@@ -112,8 +112,8 @@ __device__ __forceinline__ void widen_step(uint32_t w_lo, uint32_t w_hi, uint32_
 }
 __device__ __forceinline__ void widen_group(uint2 w_lo, uint2 w_hi, uint32_t m_lo, uint32_t m_hi,
                                             uint32_t a[2][4]) {
-  widen_step(w_lo.x, w_hi.x, m_lo, m_hi, *reinterpret_cast<uint32_t(*)[4]>(a[0]));
-  widen_step(w_lo.y, w_hi.y, m_lo, m_hi, *reinterpret_cast<uint32_t(*)[4]>(a[1]));
+  widen_step(w_lo.x, w_hi.x, m_lo, m_hi, a[0]);
+  widen_step(w_lo.y, w_hi.y, m_lo, m_hi, a[1]);
 }
 
 // The m16n8k16 A fragment of up [N, R] (row-major) for ranks r .. r + 15 and a lane's channels

@@ -406,12 +406,13 @@ constexpr int STATS_RCHUNK = 32;                  // ranks per pass: 2 m16 x 4 n
 // both dtypes on sm_86 / sm_89 (three blocks per SM); bf16 on sm_90a gets 128 unbounded and a
 // bound changes its code, so it stays as measured. Bounded: 128, no spills on sm_80-89 (not
 // measured on those GPUs), 8 bytes for fp16 on sm_90a (run 111).
+constexpr int STATS_BLOCKS_PER_SM = 4;
 template <typename T>
 constexpr int STATS_MIN_BLOCKS =
 #ifdef SVDQ_SM90A
-    std::is_same<T, __half>::value ? 4 : 0;
+    std::is_same<T, __half>::value ? STATS_BLOCKS_PER_SM : 0;
 #else
-    4;
+    STATS_BLOCKS_PER_SM;
 #endif
 constexpr int QUANT_WARPS = 4;                    // rows per block, one per warp
 constexpr int QUANT_KC = 8;  // chunk partials held in registers per row (act_chunk's cap)
@@ -420,7 +421,8 @@ constexpr int QUANT_THREADS = QUANT_WARPS * 32;
 // k-chunk per act_stats_kernel block, for M tokens on `sms` SMs: a multiple of STATS_WARPS * 32.
 // Up to K = 4096, 1024: measured best of 512 / 1024 / 2048 (runs 51-52; shorter chunks add
 // partials, longer ones lengthen each warp's chain). Above, as many chunks as keep the grid
-// within one wave of four blocks per SM, between 2 and QUANT_KC (and >= 1024 values each).
+// within one wave of STATS_BLOCKS_PER_SM blocks per SM, between 2 and QUANT_KC (and >= 1024
+// values each).
 // Measured against the fixed 2048 / 2560 of before (runs 166, 168; K = 12288 / 15360, pairs):
 // 4608 tokens, 3 chunks instead of 6: 2.4-2.7% faster at rank 32, the same at rank 0; 2560
 // tokens, 6 either way; 6656 and 8192 tokens, 2: 2.6-3.9% faster at rank 32, -1.2% to +0.3% at
@@ -430,7 +432,7 @@ constexpr int QUANT_THREADS = QUANT_WARPS * 32;
 inline int act_chunk(int K, int M, int sms) {
   if (K <= 4096) return 1024;
   const int tiles = (M + STATS_TOKENS - 1) / STATS_TOKENS;
-  const int fill = 4 * sms / std::max(tiles, 1);  // chunks per tile in one wave
+  const int fill = STATS_BLOCKS_PER_SM * sms / std::max(tiles, 1);  // chunks per tile, one wave
   const int kc = std::min(K / 1024, std::max(2, std::min(QUANT_KC, fill)));
   return ((K + kc - 1) / kc + STATS_THREADS - 1) / STATS_THREADS * STATS_THREADS;
 }
