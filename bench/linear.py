@@ -139,7 +139,8 @@ def main():
             for v in ACT_VARIANTS:
                 r[f"act32v{v}"] = bench(lambda v=v: ext.act_quant(
                     x, pr["inv_smooth"], down, br["rank_scale"], codes, sx, sq, act, v))
-            r["act32"] = r[f"act32v{be.act_variant_for(m)}"]
+            r["act_variant"] = be.act_variant_for(m, k, 32)
+            r["act32"] = r[f"act32v{r['act_variant']}"]
             for v in gemm_variants:
                 r[f"gemm32v{v}"] = bench(lambda v=v: ext.gemm(
                     codes, sx, sq, layer.qweight, pr["multT"], pr["row_scale"], act, up,
@@ -149,7 +150,7 @@ def main():
             y0, (c0, sx0, sq0, act0) = be.run(layer0, pr0, x, return_parts=True)
             r["act0"] = bench(lambda: ext.act_quant(x, pr0["inv_smooth"], down0,
                                                     br0["rank_scale"], c0, sx0, sq0, act0,
-                                                    be.act_variant_for(m)))
+                                                    be.act_variant_for(m, k, 0)))
             r["gemm0"] = bench(lambda: ext.gemm(c0, sx0, sq0, layer0.qweight, pr0["multT"],
                                                 pr0["row_scale"], act0, up0, layer0.bias, y0,
                                                 r["gemm_variant"]))
@@ -188,7 +189,7 @@ def main():
         print(f"  activation kernel r32, mean ms at M={m}: "
               + ", ".join(f"variant {v} {sum(r[f'act32v{v}'] for r in sel) / len(sel):.4f}"
                           for v in ACT_VARIANTS)
-              + f"; layer uses {be.act_variant_for(m)}")
+              + "; the layers use " + "/".join(str(r["act_variant"]) for r in sel))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "mem": mem}, fh, indent=1)

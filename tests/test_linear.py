@@ -103,23 +103,32 @@ def test_state_dict_roundtrip_and_bad_input(gen):
 
 
 def test_cuda_activation_kernel_choice(monkeypatch):
-    """The fused backend's activation kernel by token count (no GPU needed: the SM count is
-    given): 8-token blocks up to 512 tokens, the split kernels only when act_kernel's last wave
-    of 16-token blocks (two per SM) is at most a quarter full, act_kernel otherwise; an explicit
-    choice wins."""
+    """The fused backend's activation kernel by shape (no GPU needed: the SM count is given):
+    the split kernels at K >= 6144 while act_kernel's 16-token blocks would fill under two
+    thirds of the SMs; otherwise 8-token blocks up to 512 tokens at rank 0 (16-token blocks at
+    rank > 0), the split kernels when act_kernel's last wave (two blocks per SM) is at most a
+    quarter full, act_kernel otherwise; an explicit choice wins."""
     from svdq.backends import cuda
     monkeypatch.setattr(cuda, "_sm_count", lambda device=None: 132)   # H200: 264 block slots
     be = cuda.CudaBackend()
     be.act_variant = None
-    picks = {m: be.act_variant_for(m) for m in (1, 512, 513, 4096, 4224, 4608, 5280, 5296, 6144,
-                                                8192, 16896)}
-    assert picks == {1: 1, 512: 1, 513: 0, 4096: 0,   # at most one wave
-                     4224: 0,                         # exactly one wave (264 blocks)
-                     4608: 2, 5280: 2,                # 288 / 330 blocks: 24 / 66 in the last wave
-                     5296: 0, 6144: 0, 8192: 0,       # 67, 120 and 248 in the last wave
-                     16896: 0}                        # four full waves
+    ms = (1, 512, 513, 1392, 1393, 4096, 4224, 4608, 5280, 5296, 6144, 8192, 16896)
+    by_count = {1: 1, 512: 1, 513: 0, 1392: 0, 1393: 0, 4096: 0,   # at most one wave
+                4224: 0,                         # exactly one wave (264 blocks)
+                4608: 2, 5280: 2,                # 288 / 330 blocks: 24 / 66 in the last wave
+                5296: 0, 6144: 0, 8192: 0,       # 67, 120 and 248 in the last wave
+                16896: 0}                        # four full waves
+    assert {m: be.act_variant_for(m, 3072, 0) for m in ms} == by_count
+    # rank > 0: 16-token blocks where rank 0 takes the 8-token ones
+    assert {m: be.act_variant_for(m, 3072, 32) for m in ms} == {**by_count, 1: 0, 512: 0}
+    # long rows: the split kernels up to 1392 tokens, 87 blocks of 16 (3 * 87 < 2 * 132 SMs)
+    for k in (6144, 12288, 15360):
+        for rank in (0, 32, 128):
+            assert {m: be.act_variant_for(m, k, rank) for m in ms} == {
+                **by_count, 1: 2, 512: 2, 513: 2, 1392: 2}, (k, rank)
+    assert be.act_variant_for(1392, 6080, 32) == 0   # below SPLIT_MIN_K
     be.act_variant = 0
-    assert be.act_variant_for(4608) == 0
+    assert be.act_variant_for(256, 12288, 32) == 0
 
 
 def test_cuda_gemm_kernel_choice():

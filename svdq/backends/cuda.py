@@ -107,10 +107,11 @@ class CudaBackend:
     gemm_variant = (int(os.environ["SVDQ_GEMM_VARIANT"]) if os.environ.get("SVDQ_GEMM_VARIANT")
                     else None)
     # activation kernels (csrc/w4a8.cu): 0 = act_kernel with 16-token blocks, 1 = with 8-token
-    # blocks, 2 = split in two launches over k-chunks; None = by token count (act_variant_for)
+    # blocks, 2 = split in two launches over k-chunks; None = by shape (act_variant_for)
     act_variant = (int(os.environ["SVDQ_ACT_VARIANT"]) if os.environ.get("SVDQ_ACT_VARIANT")
                    else None)
     ACT_SMALL_M = 512
+    SPLIT_MIN_K = 6144   # measured: the split kernels fill idle SMs best from here (not at 3072)
 
     def available(self, device):
         device = torch.device(device) if device is not None else torch.device("cuda")
@@ -153,25 +154,37 @@ class CudaBackend:
                                f"(its TMA copies need 16-byte strides), got N={n}; use variant 1")
         return v
 
-    def act_variant_for(self, m: int, device=None) -> int:
-        """The activation kernel for M tokens: act_variant if set, else by token count.
+    def act_variant_for(self, m: int, k: int, rank: int, device=None) -> int:
+        """The activation kernel for M tokens of K features at branch rank `rank` (padded to 16):
+        act_variant if set, else by shape (bench/NOTES.md, run 172: the three kernels alone on
+        the H200, 256-8192 tokens, K = 3072 / 6144 / 12288 / 15360, ranks 0 / 32 / 128).
 
         act_kernel runs two 16-token blocks per SM (128 registers; fp16 is held there by its
-        launch bound, csrc/w4a8.cu ACT_MIN_BLOCKS). Up to 512 tokens its 8-token blocks win
-        (more blocks in flight). Above one wave, when the last wave of blocks is at
-        most a quarter full (288 blocks on 264 slots at 4608 tokens: 9%), the SMs idle through
-        most of a block's time and the split kernels, whose blocks are a fraction of a row, win
-        at K >= 12288 and tie at 3072; with the last wave fuller, act_kernel reads x once from
-        DRAM where the split kernels read it twice, and wins or ties (6144 tokens, 45% full:
-        35 vs 41 us at K = 3072; 6656 and 8192 tokens: act_kernel faster; bench/NOTES.md, runs
-        55-56). The quarter is a threshold between the 9% and the 45% measured.
+        launch bound, csrc/w4a8.cu ACT_MIN_BLOCKS); each block walks whole rows of K.
+        - Fewer blocks than about two thirds of the SMs leave SMs idle for a whole row's time.
+          At K >= SPLIT_MIN_K the split kernels, whose blocks are a fraction of a row, fill the
+          GPU instead and win at every rank up to 1280 tokens (80 blocks on 132 SMs: 1.15-1.3x at
+          12288 / 15360) and lose from 1536 (96 blocks). At K = 3072 rows are short and they
+          never win there below 4608 tokens.
+        - Up to ACT_SMALL_M tokens the 8-token blocks (more blocks in flight) win at rank 0
+          (1.1x at K = 3072) and lose at rank > 0 (their branch costs more: 1.1x at rank 32,
+          1.6x at 128).
+        - Above one wave, when the last wave of blocks is at most a quarter full (288 blocks on
+          264 slots at 4608 tokens: 9%), the SMs idle through most of a block's time and the
+          split kernels win (K >= 12288) or tie (3072); with the last wave fuller, act_kernel
+          reads x once from DRAM where the split kernels read it twice, and wins or ties
+          (6144 tokens, 45% full; 6656 and 8192 tokens; runs 55-56). The quarter is a threshold
+          between the 9% and the 45% measured.
         """
         if self.act_variant is not None:
             return self.act_variant
-        if m <= self.ACT_SMALL_M:
-            return 1
-        slots = 2 * _sm_count(device)
+        sms = _sm_count(device)
         blocks = (m + 15) // 16
+        if k >= self.SPLIT_MIN_K and 3 * blocks < 2 * sms:
+            return 2
+        if m <= self.ACT_SMALL_M:
+            return 1 if rank == 0 else 0
+        slots = 2 * sms
         rest = blocks % slots
         return 2 if blocks > slots and 0 < rest and 4 * rest <= slots else 0
 
@@ -255,7 +268,7 @@ class CudaBackend:
         sumq = torch.empty(m, dtype=torch.int32, device=dev)
         act = torch.empty(m, r16, dtype=dt, device=dev)
         ext.act_quant(x, prep["inv_smooth"], down, br["rank_scale"], codes, sx, sumq, act,
-                      self.act_variant_for(m, dev))
+                      self.act_variant_for(m, k, r16, dev))
         y = out if out is not None else torch.empty(m, n, dtype=dt, device=dev)
         bias = self._as(prep["bias"], dt) if prep["bias"] else None
         ext.gemm(codes, sx, sumq, layer.qweight, prep["multT"], prep["row_scale"], act, up, bias, y,
