@@ -54,7 +54,8 @@
 // it holds (a range: main loop ~6 us, then the sums' stores, the last range's reads of them and
 // the epilogue; docs/kernels.md, run 118). Tiles too short for ranges are split into
 // two token halves of 128 tokens instead, on m64n128 wgmmas: qkv at 1024 tokens 1.05x (runs
-// 100-101).
+// 100-101). A lone wave at most half full (<= 512 tokens at N = 3072) takes k-ranges too, one per
+// CTA and no whole tile: mlp_fc2 / single_out's GEMM at 128-512 tokens 0.45-0.70x (run 174).
 //
 // Pipeline, no CTA barrier in the k loop: full[s] completes when a stage's three copies have
 // landed (mbarrier transaction count). A warp that has finished the wgmmas reading a stage adds
@@ -88,6 +89,7 @@
 #include "launch.cuh"
 #include "sm90.cuh"
 
+#include <algorithm>
 #include <cuda.h>          // CUtensorMap (types only: the encoder comes through cudart)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
@@ -329,7 +331,7 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
   const int n_whole = (full_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
   const bool has_tail = parts > 1 && (int)blockIdx.x < (n_tiles - full_tiles) * parts;
   const int my_tiles = n_whole + has_tail;
-  if (my_tiles <= 0) return;  // the launcher never makes more CTAs than tiles; cheap to be sure
+  if (my_tiles <= 0) return;  // the launcher never makes more CTAs than units; cheap to be sure
   const int n_iter = n_whole * KT + (has_tail ? KTR : 0);
   auto is_half = [&](int j) { return halves > 1 && j >= n_whole; };  // unit j is a token half
   uint8_t* slab = smem + H_ACT;
@@ -818,7 +820,9 @@ static int gemm_tiles(int M, int N) {
 // (432 tiles on 132 SMs: three full waves and 36 tiles, so a fourth wave with 27% of the SMs
 // busy for a whole tile's time), the last wave's tiles are split, one part per CTA: into k-ranges
 // when the tile has k-tiles enough (36 tiles x 3 ranges run on 108 SMs for a third of the time),
-// otherwise into two token halves of 128 tokens (72 half tiles, each half a tile's MMAs).
+// otherwise into two token halves of 128 tokens (72 half tiles, each half a tile's MMAs). A lone
+// wave at most half full (few tokens: 24 tiles at 256 tokens and N = 3072) is split into k-ranges
+// the same way, every CTA taking one range and no whole tile.
 struct WavePlan {
   int tiles;       // output tiles in all
   int full_tiles;  // tiles of the full waves, walked whole
@@ -836,13 +840,18 @@ static WavePlan split_plan(int M, int N, int K, int sms) {
   using namespace svdq;
   const int tiles = gemm_tiles(M, N), KT = (K + H_BK - 1) / H_BK;
   WavePlan p{tiles, tiles, 1, 1};
-  if (sms <= 0 || tiles <= sms) return p;
-  const int rest = tiles % sms;
+  if (sms <= 0) return p;
+  const int rest = tiles % sms;  // a lone wave (tiles < sms) is all rest
   if (rest == 0 || 2 * rest > sms) return p;  // the last wave is at least half full
   // ranges of at least 16 k-tiles: ranges of 8 or 4 lost or broke even (proj, mlp_fc1: runs 58, 116)
   for (int s = 2; s * rest <= sms && KT / s >= 16; ++s)
     if (KT % s == 0) p.splits = s;
-  if (p.splits == 1) p.halves = 2;  // 2 * rest <= sms
+  if (p.splits == 1) {
+    // A lone wave stays whole: at <= 128 tokens a second half would be all rows past M, and
+    // halves were measured only as a last wave's
+    if (tiles < sms) return p;
+    p.halves = 2;  // 2 * rest <= sms
+  }
   p.full_tiles = tiles - rest;
   return p;
 }
@@ -922,9 +931,9 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
                       const void* act, const void* up, int R, const void* bias, void* y, int M,
                       int N, int K, int* work, cudaStream_t stream) {
   using namespace svdq;
-  // persistent: one CTA per SM (or per tile, when there are fewer), each walking its tiles; a
+  // persistent: one CTA per SM (or per unit, when there are fewer), each walking its tiles; a
   // short last wave's tiles split into k-ranges or token halves, one more unit for the first
-  // CTAs (split_plan)
+  // CTAs, and a short lone wave's into k-ranges, one unit per CTA (split_plan)
   const int sms = sm_count();
   const WavePlan plan = split_plan(M, N, K, sms);
   const int full = plan.full_tiles, splits = plan.splits;
@@ -939,8 +948,10 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   cudaError_t e = cudaFuncSetAttribute(gemm_sm90_kernel<T>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
   if (e != cudaSuccess) return (int)e;
+  // the units: the whole tiles (one CTA walks several), or a lone wave's parts (one each)
+  const int units = std::max(full, plan.tail_tiles() * splits * plan.halves);
   int grid = sms;
-  if (grid <= 0 || full < grid) grid = full;
+  if (grid <= 0 || units < grid) grid = units;
   int* arrived = nullptr;
   if (splits > 1) {
     arrived = work + plan.sums_words();

@@ -307,13 +307,17 @@ GEMM_SHAPES = [(4608, 3072, 3072), (333, 3072, 9216), (1, 64, 8), (7, 192, 136),
                # 3072 x 9216 above (the second halves wholly past M), a second half that ends
                # past M, and a K % 128 == 64 tail
                (4500, 12288, 3072), (4352, 16384, 4096), (300, 4032, 17408), (4500, 3072, 3072),
-               (333, 3136, 9216)]
+               (333, 3136, 9216),
+               # a lone wave split into k-ranges: 6 of 20 k-tiles (129 x 15360 x 272 above), 2 of
+               # 17 with a K % 128 == 64 tail and a partial channel tile
+               (77, 4288, 400)]
 
 
 def test_gemm_split_plan():
     """The wave plan of the wgmma GEMM: a last wave at most half full is split into k-ranges of
     at least 16 k-tiles (as many as fit on the SMs and divide the k-tiles), else into two token
-    halves; the GEMM_SHAPES above take it on the H200's 132 SMs."""
+    halves; a lone wave at most half full into k-ranges only; the GEMM_SHAPES above take it on
+    the H200's 132 SMs."""
     from svdq import build
     plan = build.load().gemm_split_plan  # (M, N, K, SMs) -> (k-ranges, token halves, full tiles)
     assert plan(4500, 3072, 12288, 132) == (3, 1, 396)  # 432 tiles: 36 left, 3 x 36 <= 132
@@ -324,7 +328,13 @@ def test_gemm_split_plan():
     assert plan(333, 9216, 3072, 132) == (1, 2, 132)    # 144 tiles: 12 left
     assert plan(333, 9216, 3136, 132) == (1, 2, 132)    # the same with 25 k-tiles
     assert plan(4608, 9216, 3072, 132) == (1, 1, 1296)  # 108 left: the last wave is 82% full
-    assert plan(256, 3072, 12288, 132) == (1, 1, 24)    # fewer tiles than SMs
+    assert plan(256, 3072, 12288, 132) == (4, 1, 0)     # a lone wave of 24 tiles: 4 x 24 <= 132
+    assert plan(512, 3072, 12288, 132) == (2, 1, 0)     # 48 tiles
+    assert plan(129, 272, 15360, 132) == (6, 1, 0)      # 3 tiles, 120 k-tiles: 7 does not divide
+    assert plan(77, 400, 4288, 132) == (2, 1, 0)        # 34 k-tiles
+    assert plan(1024, 3072, 12288, 132) == (1, 1, 96)   # a lone wave 73% full stays whole
+    assert plan(256, 3072, 3072, 132) == (1, 1, 24)     # 24 k-tiles: a lone wave is not halved
+    assert plan(132 * 256, 128, 12288, 132) == (1, 1, 132)  # exactly one wave
     assert plan(4500, 3072, 6016, 132) == (1, 2, 396)   # 47 k-tiles: no range count divides
 
 
