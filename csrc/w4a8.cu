@@ -6,7 +6,7 @@
 //                      16-bit tensor cores and quantizes x * inv_smooth per token to int8
 //                      (svdq/quant.py quantize_act, exactly): act_kernel (one launch; x read
 //                      from DRAM once and re-read from L2), or act_stats_kernel +
-//                      act_quant_kernel where act_kernel's last wave of blocks is short (1b).
+//                      act_quant_kernel where act_kernel's blocks fill the GPU badly (1b).
 //   2. svdq_w4a8_gemm  y = float(acc) * (sx[t] * row_scale[n]) + act . up^T + bias, where acc is
 //                      the exact int32 sum over k of q_x[t,k] * code[n,k] * mult[n,k/64].
 //
@@ -386,8 +386,9 @@ act_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth, const 
 //                     tests), then act_kernel's quantize loop. Blocks run in reverse token order:
 //                     the rows act_stats_kernel read last are the likeliest still in L2.
 // x is read twice from memory (act_kernel's second read mostly hits L2), so this wins only where
-// act_kernel's last wave is short (at most a quarter full): the backend picks it then
-// (svdq/backends/cuda.py, act_variant_for). Measured (bench/NOTES.md, session 8): at 4608 tokens, rank 32, 106 / 129 us
+// act_kernel's blocks leave SMs idle: a last wave at most a quarter full, or, at K >= 6144, fewer
+// blocks than two thirds of the SMs; the backend picks it then (svdq/backends/cuda.py,
+// act_variant_for). Measured (bench/NOTES.md, session 8): at 4608 tokens, rank 32, 106 / 129 us
 // against 129 / 158 us at K = 12288 / 15360, equal at K = 3072; at 8192 tokens (a full last
 // wave) 13-44% slower.
 // Loading x and `down` into registers, not through shared memory, is measured: persistent
@@ -428,7 +429,8 @@ constexpr int QUANT_THREADS = QUANT_WARPS * 32;
 // tokens, 6 either way; 6656 and 8192 tokens, 2: 2.6-3.9% faster at rank 32, -1.2% to +0.3% at
 // rank 0 (act_kernel is picked there); 1024 tokens, 12 chunks of 1024 at K = 12288 were 8%
 // faster at rank 32, 15 at K = 15360 ~30% slower at both ranks (cause not isolated), hence the
-// cap of 8 (not measured at 1024 tokens, where act_kernel is picked).
+// cap of 8. With 8 chunks the pair beats act_kernel at K >= 6144 up to 1280 tokens (run 172),
+// where the backend now picks it.
 inline int act_chunk(int K, int M, int sms) {
   if (K <= 4096) return 1024;
   const int tiles = (M + STATS_TOKENS - 1) / STATS_TOKENS;
