@@ -6,6 +6,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 int svdq_w4a8_act(const void* x, bool fp16, int M, int K, const float* inv_smooth, const void* down,
                   const float* rank_scale, int R, int8_t* codes, float* sx, int* sumq, void* act,
                   float* work, int variant, cudaStream_t stream);
@@ -13,8 +17,8 @@ long long svdq_w4a8_act_workspace(int M, int K, int R, int variant);
 int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
-                   int variant, int* work, cudaStream_t stream);
-long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K);
+                   int variant, int* part, int* arrived, cudaStream_t stream);
+long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K, int* counters);
 int svdq_w4a8_gemm_split_plan(int M, int N, int K, int sms, int* halves, int* full);
 
 int svdq_dequant_w4(const uint8_t* qweight, const float* scales, void* w, int N, int K, bool fp16,
@@ -80,6 +84,23 @@ void act_quant(torch::Tensor x, torch::Tensor inv_smooth, torch::Tensor down,
            "w4a8 activation kernel");
 }
 
+// The split GEMM's arrival counters (csrc/w4a8_sm90.cu), at least n of them, for the current
+// device and stream: zero before every launch, because each launch leaves them zero (the last
+// range of a tile to arrive resets its counter). So no memset runs between the activation
+// kernel and the GEMM, which a PDL launch could not follow (bench/NOTES.md, runs 74 and 185).
+// One buffer per device and stream: launches on one stream run in order, and two streams never
+// share counters. Zeroed when made or grown (in stream order); kept for the process's life
+// (an int per split tile), and never destroyed, so that nothing frees it after CUDA's teardown.
+static int* split_counters(const torch::Tensor& like, int n) {
+  static std::mutex mu;
+  static auto* bufs = new std::map<std::pair<int, cudaStream_t>, torch::Tensor>();
+  const std::lock_guard<std::mutex> lock(mu);
+  torch::Tensor& t = (*bufs)[{(int)like.get_device(), c10::cuda::getCurrentCUDAStream().stream()}];
+  if (!t.defined() || t.numel() < n)
+    t = torch::zeros({std::max(n, 256)}, like.options().dtype(at::kInt));
+  return t.data_ptr<int>();
+}
+
 // y [M,N] = W4A8(codes) + act . up^T + bias.  qweight uint8 [N, K/2] natural layout,
 // multT int8 [K/64, N], row_scale fp32 [N], up [N, R] y.dtype, bias [N] y.dtype or None.
 void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tensor qweight,
@@ -123,8 +144,9 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
               "; use variant 1");
   const c10::cuda::CUDAGuard guard(codes.device());
   // the wgmma kernel's k-split last wave: int32 partial sums and arrival counters
+  int counters = 0;
   const long long words =
-      variant == 2 ? svdq_w4a8_gemm_sm90_workspace((int)M, (int)N, (int)K) : 0;
+      variant == 2 ? svdq_w4a8_gemm_sm90_workspace((int)M, (int)N, (int)K, &counters) : 0;
   const auto work =
       words ? torch::empty({words}, codes.options().dtype(at::kInt)) : torch::Tensor();
   check_rc(svdq_w4a8_gemm(codes.data_ptr<int8_t>(), sx.data_ptr<float>(), sumq.data_ptr<int>(),
@@ -132,6 +154,7 @@ void gemm(torch::Tensor codes, torch::Tensor sx, torch::Tensor sumq, torch::Tens
                           row_scale.data_ptr<float>(), act.data_ptr(), up.data_ptr(), (int)R, bptr,
                           y.data_ptr(), (int)M, (int)N, (int)K, dt == at::kHalf, (int)variant,
                           words ? work.data_ptr<int>() : nullptr,
+                          counters ? split_counters(codes, counters) : nullptr,
                           c10::cuda::getCurrentCUDAStream().stream()),
            "w4a8 GEMM kernel");
 }

@@ -810,18 +810,19 @@ static int launch_gemm(const int8_t* codes, const float* sx, const int* sumq,
 int svdq_w4a8_gemm_sm90(const int8_t* codes, const float* sx, const int* sumq,
                         const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                         const void* act, const void* up, int R, const void* bias, void* y, int M,
-                        int N, int K, bool fp16, bool pingpong, int* work, cudaStream_t stream);
+                        int N, int K, bool fp16, bool pingpong, int* part, int* arrived,
+                        cudaStream_t stream);
 
 // variant 1: mma.sync (every GPU from sm_80); 2: wgmma, 3: wgmma with ping-pong warpgroups
 // (sm_90a builds only). The caller (svdq/backends/cuda.py) picks; all compute the same bits.
 int svdq_w4a8_gemm(const int8_t* codes, const float* sx, const int* sumq, const uint8_t* qweight,
                    const int8_t* multT, const float* row_scale, const void* act, const void* up,
                    int R, const void* bias, void* y, int M, int N, int K, bool fp16,
-                   int variant, int* work, cudaStream_t stream) {
+                   int variant, int* part, int* arrived, cudaStream_t stream) {
   if (M == 0 || N == 0) return 0;
   if (variant == 2 || variant == 3)
     return svdq_w4a8_gemm_sm90(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y,
-                               M, N, K, fp16, variant == 3, work, stream);
+                               M, N, K, fp16, variant == 3, part, arrived, stream);
   if (fp16)
     return launch_gemm<__half>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y,
                                M, N, K, stream);

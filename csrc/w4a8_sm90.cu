@@ -510,7 +510,10 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       // A k-range of a split tile: every range stores its exact int32 sums, and the last of the
       // tile's ranges to arrive adds the others' (integer addition: the same bits whatever the
       // order) and runs the epilogue. The usual last-block pattern: stores, fence, barrier,
-      // counter. This is the CTA's last unit, so a range that is not last may leave.
+      // counter. This is the CTA's last unit, so a range that is not last may leave. The last
+      // arrival also sets the counter back to 0: no other range touches it in this launch, and
+      // the next launch on the stream finds it zero without a memset before it (the binding
+      // keeps the counters between launches, split_counters).
       const int unit = (int)blockIdx.x, first = unit - unit % splits;
       int* mine = part + (size_t)unit * H_PART + tid;
 #pragma unroll
@@ -520,7 +523,11 @@ gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_codes,
       __threadfence();
       __syncthreads();
       uint32_t* flag = released + S;  // a spare word after the release counters
-      if (tid == 0) *flag = atomicAdd(&arrived[unit / splits], 1) == splits - 1;
+      if (tid == 0) {
+        const bool last = atomicAdd(&arrived[unit / splits], 1) == splits - 1;
+        if (last) arrived[unit / splits] = 0;
+        *flag = last;
+      }
       __syncthreads();
       if (!*flag) {
         if (R > 0) mbar_wait(act_full, slabs++ & 1);  // no copy may still be landing at exit
@@ -829,12 +836,13 @@ struct WavePlan {
   int splits;      // k-ranges per tile of the last wave (1: none)
   int halves;      // token halves per tile of the last wave (1: none); splits or halves is 1
   int tail_tiles() const { return tiles - full_tiles; }  // the last wave's, split or halved
-  // The split GEMM's int32 workspace: the k-ranges' sums [tail tiles][splits][H_PART], then one
-  // arrival counter per split tile (zeroed before each launch). Empty without k-ranges.
+  // The split GEMM's int32 workspace, the k-ranges' sums [tail tiles][splits][H_PART], and its
+  // arrival counters, one per split tile (zero before the launch and left zero after it). Both
+  // empty without k-ranges.
   long long sums_words() const {
     return splits > 1 ? (long long)tail_tiles() * splits * svdq::H_PART : 0;
   }
-  long long workspace_words() const { return splits > 1 ? sums_words() + tail_tiles() : 0; }
+  int counters() const { return splits > 1 ? tail_tiles() : 0; }
 };
 static WavePlan split_plan(int M, int N, int K, int sms) {
   using namespace svdq;
@@ -929,7 +937,7 @@ template <typename T>
 static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
                       const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                       const void* act, const void* up, int R, const void* bias, void* y, int M,
-                      int N, int K, int* work, cudaStream_t stream) {
+                      int N, int K, int* part, int* arrived, cudaStream_t stream) {
   using namespace svdq;
   // persistent: one CTA per SM (or per unit, when there are fewer), each walking its tiles; a
   // short last wave's tiles split into k-ranges or token halves, one more unit for the first
@@ -952,17 +960,14 @@ static int launch_sm90(const int8_t* codes, const float* sx, const int* sumq,
   const int units = std::max(full, plan.tail_tiles() * splits * plan.halves);
   int grid = sms;
   if (grid <= 0 || units < grid) grid = units;
-  int* arrived = nullptr;
-  if (splits > 1) {
-    arrived = work + plan.sums_words();
-    e = cudaMemsetAsync(arrived, 0, plan.tail_tiles() * sizeof(int), stream);
-    if (e != cudaSuccess) return (int)e;
-  }
-  // PDL (csrc/launch.cuh) only right behind the activation kernel: behind the memset the
-  // attribute would relate to no kernel
-  return (int)launch(gemm_sm90_kernel<T>, grid, H_THREADS, H_SMEM, stream, splits == 1, tc, th, tw,
-                     tm, ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N,
-                     K, full, splits, plan.halves, work, arrived);
+  // PDL (csrc/launch.cuh) behind the activation kernel; the k-ranges' counters need no memset in
+  // between (split_counters in csrc/binding.cpp). Not behind a short last wave's ranges: there
+  // the layers ran 1-3% slower with it (bench/NOTES.md, runs 185-186; not explained), a lone
+  // wave's 1-5% faster.
+  const bool pdl = splits == 1 || full == 0;
+  return (int)launch(gemm_sm90_kernel<T>, grid, H_THREADS, H_SMEM, stream, pdl, tc, th, tw, tm,
+                     ta, sx, sumq, row_scale, (const T*)up, R, (const T*)bias, (T*)y, M, N, K,
+                     full, splits, plan.halves, part, arrived);
 }
 
 // The ping-pong kernel (variant 3): 64-channel tiles, no last-wave split, no workspace.
@@ -986,19 +991,23 @@ static int launch_sm90_pp(const int8_t* codes, const float* sx, const int* sumq,
 }
 #endif  // SVDQ_SM90A
 
-// int32 words of workspace the GEMM needs for M x N x K (partial sums, then arrival counters)
-long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K) {
+// int32 words of partial sums the GEMM needs for M x N x K, and in *counters its arrival counters
+long long svdq_w4a8_gemm_sm90_workspace(int M, int N, int K, int* counters) {
 #ifndef SVDQ_SM90A
+  *counters = 0;
   return 0;
 #else
-  return split_plan(M, N, K, svdq::sm_count()).workspace_words();
+  const WavePlan p = split_plan(M, N, K, svdq::sm_count());
+  *counters = p.counters();
+  return p.sums_words();
 #endif
 }
 
 int svdq_w4a8_gemm_sm90(const int8_t* codes, const float* sx, const int* sumq,
                         const uint8_t* qweight, const int8_t* multT, const float* row_scale,
                         const void* act, const void* up, int R, const void* bias, void* y, int M,
-                        int N, int K, bool fp16, bool pingpong, int* work, cudaStream_t stream) {
+                        int N, int K, bool fp16, bool pingpong, int* part, int* arrived,
+                        cudaStream_t stream) {
 #ifndef SVDQ_SM90A
   return (int)cudaErrorInvalidDeviceFunction;  // this build has no sm_90a code
 #else
@@ -1010,8 +1019,8 @@ int svdq_w4a8_gemm_sm90(const int8_t* codes, const float* sx, const int* sumq,
                                          bias, y, M, N, K, stream);
   if (fp16)
     return launch_sm90<__half>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias, y, M,
-                               N, K, work, stream);
+                               N, K, part, arrived, stream);
   return launch_sm90<__nv_bfloat16>(codes, sx, sumq, qweight, multT, row_scale, act, up, R, bias,
-                                    y, M, N, K, work, stream);
+                                    y, M, N, K, part, arrived, stream);
 #endif
 }

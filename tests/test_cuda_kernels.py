@@ -338,6 +338,40 @@ def test_gemm_split_plan():
     assert plan(4500, 3072, 6016, 132) == (1, 2, 396)   # 47 k-tiles: no range count divides
 
 
+def test_gemm_split_counters_between_launches(gen):
+    """The k-split GEMM's arrival counters live across launches, one set per stream, with no
+    memset before a launch (each launch leaves them zero: csrc/binding.cpp split_counters).
+    Three plans (3 ranges of a short last wave, 4 and 2 ranges of a lone wave, on the H200's 132
+    SMs) launched back to back, twice, on the default stream and then on a second one: every
+    output overwrites a poisoned buffer and equals the mma.sync GEMM's bits. A counter left
+    non-zero would make a tile's last range miss its turn (the tile stays NaN) or go early."""
+    from svdq import build
+    from svdq.backends.cuda import CudaBackend
+    if not build.load().WGMMA:
+        pytest.skip("the k-split GEMM is the wgmma kernel's (an sm_90a build)")
+    dtype = torch.bfloat16
+    mma, wg = CudaBackend(), CudaBackend()
+    mma.gemm_variant, wg.gemm_variant = 1, 2
+    cases = []
+    for m, k, n in [(4500, 12288, 3072), (256, 12288, 3072), (77, 4288, 400)]:
+        layer = make_layer(gen, k, n, 32, dtype)
+        x = make_x(gen, m, k, dtype)
+        cases.append((layer, wg.prepare(layer), x, mma.run(layer, mma.prepare(layer), x)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    for stream in (torch.cuda.current_stream(), side):
+        with torch.cuda.stream(stream):
+            outs = [wg.run(layer, prep, x, out=torch.full_like(want, float("nan")))
+                    for _ in range(2) for layer, prep, x, want in cases]
+        torch.cuda.current_stream().wait_stream(stream)
+        where = "the second" if stream is side else "the default"
+        for i, y in enumerate(outs):
+            want = cases[i % len(cases)][3]
+            assert torch.equal(y, want), (f"launch {i} on {where} stream: "
+                                          f"{int((y != want).sum())} elements differ from "
+                                          f"mma.sync ({int(torch.isnan(y).sum())} NaN)")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 # 48, 112: two and four 32-rank slabs in the wgmma epilogue
 @pytest.mark.parametrize("rank", [0, 48, 112])
