@@ -96,6 +96,8 @@ static int* split_counters(const torch::Tensor& like, int n) {
   static auto* bufs = new std::map<std::pair<int, cudaStream_t>, torch::Tensor>();
   const std::lock_guard<std::mutex> lock(mu);
   torch::Tensor& t = (*bufs)[{(int)like.get_device(), c10::cuda::getCurrentCUDAStream().stream()}];
+  // a plan splits at most half the SMs' worth of tiles (split_plan), so 256 counters serve any
+  // GPU of up to 512 SMs without growing
   if (!t.defined() || t.numel() < n)
     t = torch::zeros({std::max(n, 256)}, like.options().dtype(at::kInt));
   return t.data_ptr<int>();
