@@ -14,9 +14,10 @@
 // layer's own previous kernel (not the wgmma GEMM behind a short last wave's k-ranges, where it
 // measured slower: csrc/w4a8_sm90.cu launch_sm90). The layer's first kernel is launched plainly
 // and the GEMM never calls griddep_launch(), so nothing of a layer starts early behind someone
-// else's kernel or the previous layer's GEMM. Measured on the H200 (bench/NOTES.md, runs 71-72): PDL inside the
-// layer, 1-4% faster (proj at 4608 tokens 1.02-1.04x, the largest); with the first kernel also
-// launched early behind the previous layer's GEMM, back-to-back layers ran 4-17% *slower*.
+// else's kernel or the previous layer's GEMM. Measured on the H200 (bench/NOTES.md, runs
+// 71-72): PDL inside the layer, 1-4% faster (proj at 4608 tokens 1.02-1.04x, the largest); with
+// the first kernel also launched early behind the previous layer's GEMM, back-to-back layers ran
+// 4-17% *slower*.
 //
 // The contract, for every kernel that can be launched with PDL: griddep_wait() comes before its
 // first global-memory access, read or write. Kernel parameters, registers and shared memory
