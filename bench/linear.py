@@ -1,11 +1,17 @@
 """One linear layer at FLUX shapes: cuBLAS bf16, fp8 _scaled_mm with dynamic activation
 quantization, and our fused W4A8 layer (activation kernel included) at rank 0 and rank 32.
 
-    python bench/linear.py [--m 1024 4608 8192] [--dtype bf16|fp16] [--json out.json]
+    python bench/linear.py [--m 1024 4608 8192] [--rounds 8] [--dtype bf16|fp16] [--json out.json]
 
-Median of triton.testing.do_bench (CUDA events) after warm-up, random data, all in one run, so
-the ratios compare like with like. The layers are timed first, then each kernel variant alone
-(see main()). TFLOP/s counts 2*M*N*K for every method (the branch's extra
+Median of triton.testing.do_bench (CUDA events, L2 flushed before each call) after warm-up,
+random data, all in one run, so the ratios compare like with like. The layers are timed first,
+then each kernel variant alone (see main()). Each shape's four methods (cuBLAS, fp8, ours at
+rank 0 and 32) run in --rounds rounds of one 100 ms window each, the rounds' orders a balanced
+Latin square (every method runs in every position and follows every other method equally
+often), and the median over the rounds is reported. On the H200 every method holds the GPU at
+its power limit, and a window's clock carries what ran before it (bench/NOTES.md, runs 180 and
+192); one round per shape in a fixed order (--rounds 1: bf16, fp8, r0, r32, the method of runs
+1-191) lets that history and one window's noise (about +-4% per ratio) into every ratio. TFLOP/s counts 2*M*N*K for every method (the branch's extra
 2*M*R*(K+N) is not counted as useful work). --dtype sets the activations', outputs' and
 branch's 16-bit type and the cuBLAS baseline's (bf16 by default, which the README's figures use);
 the tables call the baseline by that name, the JSON rows under the key "bf16" either way.
@@ -16,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -32,6 +39,31 @@ SHAPES = [("qkv", 3072, 9216), ("proj", 3072, 3072), ("mlp_fc1", 3072, 12288),
 def bench(fn):
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def latin_orders(n):
+    """n orders of range(n) in which each index takes every position once and follows every other
+    index once (a Williams square; n even). Row 0 is 0, 1, n-1, 2, n-2, ..."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    return [[(v + i) % n for v in first] for i in range(n)]
+
+
+def bench_rounds(fns, rounds):
+    """{name: median ms over `rounds` windows} and {name: every window's ms}; fns' keys in the
+    order that round 0 permutes (latin_orders)."""
+    keys = list(fns)
+    orders = latin_orders(len(keys))
+    runs = {k: [] for k in keys}
+    for i in range(rounds):
+        for j in orders[i % len(orders)]:
+            runs[keys[j]].append(bench(fns[keys[j]]))
+    return {k: statistics.median(v) for k, v in runs.items()}, runs
 
 
 def make_layer(k, n, rank, dtype=torch.bfloat16):
@@ -68,6 +100,8 @@ def layer_bytes(layer, prep):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, nargs="+", default=[1024, 4608, 8192])
+    p.add_argument("--rounds", type=int, default=8,
+                   help="rounds of each shape's four methods (module docstring); 1 = one fixed-order pass")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -107,16 +141,20 @@ def main():
                 return torch._scaled_mm(xq, w8.t(), scale_a=s, scale_b=wscale,
                                         out_dtype=dt)
 
-            t = {"bf16": bench(lambda: torch.nn.functional.linear(x, w)), "fp8": bench(fp8)}
-            for r in (0, 32):
-                t[f"r{r}"] = bench(lambda r=r: be.run(layers[r], preps[r], x))
+            # in this key order round 0 runs bf16, fp8, r0, r32 (latin_orders' first row)
+            fns = {"bf16": lambda: torch.nn.functional.linear(x, w), "fp8": fp8,
+                   "r32": lambda: be.run(layers[32], preps[32], x),
+                   "r0": lambda: be.run(layers[0], preps[0], x)}
+            t, runs = bench_rounds(fns, args.rounds)
             gv = be.gemm_variant_for(m, n, k)
             flop = 2.0 * m * n * k
+            ratios = [a / b for a, b in zip(runs["r32"], runs["r0"])]
             rows[name, m] = dict(name=name, m=m, k=k, n=n, flop=flop, dtype=args.dtype,
-                                 gemm_variant=gv, **t)
+                                 gemm_variant=gv, rounds=runs, **t)
             print(f"M={m:5d} {name:10s} {k:5d}->{n:5d}  " + "  ".join(
                 f"{base if key == 'bf16' else key} {t[key]:.3f}ms {flop / t[key] / 1e9:6.0f}TF"
-                for key in ("bf16", "fp8", "r0", "r32")) + f"  (layer gemm v{gv})", flush=True)
+                for key in ("bf16", "fp8", "r0", "r32")) + f"  (layer gemm v{gv}; r32/r0 per "
+                f"round {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
         del w, w8, layers, preps
         torch.cuda.empty_cache()
 

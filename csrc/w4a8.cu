@@ -401,6 +401,7 @@ constexpr int STATS_THREADS = STATS_WARPS * 32;
 constexpr int STATS_MT = 2;                       // 16-token groups: each down load serves 32 tokens
 constexpr int STATS_TOKENS = 16 * STATS_MT;
 constexpr int STATS_RCHUNK = 32;                  // ranks per pass: 2 m16 x 4 n8 tiles, 32 acc.
+static_assert(STATS_RCHUNK == 32, "act_stats_kernel's reduction takes a pass's ranks as lanes");
 // Four blocks per SM: at 4608 tokens and K = 3072 the grid (432 blocks) is then one wave (0.82
 // on 132 SMs, 0.84 on 128); at three per SM it takes 1.09 waves and the kernel ~1.45x as long
 // (run 107, 141 registers). Unbounded, ptxas gives 132 registers to fp16 on sm_90a and 134 to
@@ -444,13 +445,35 @@ inline int act_chunks(int K, int M, int sms) {
   return (K + c - 1) / c;
 }
 
+// act_stats_kernel's chunk maxima: a warp's 2 * STATS_MT rows (the four lanes of a row, then
+// lane tq = 0 to shared memory), then after a barrier the warps' maxima per token
+__device__ __forceinline__ void amax_to_shared(float* am, float* amax_w, int g, int tq) {
+#pragma unroll
+  for (int i = 0; i < 2 * STATS_MT; ++i) {
+    am[i] = max_nan(am[i], __shfl_xor_sync(0xffffffffu, am[i], 1));
+    am[i] = max_nan(am[i], __shfl_xor_sync(0xffffffffu, am[i], 2));
+    if (tq == 0) amax_w[g + 8 * i] = am[i];
+  }
+}
+__device__ __forceinline__ void amax_from_shared(const float (*amax_w)[STATS_TOKENS],
+                                                 float* __restrict__ amax_part, int t0, int M,
+                                                 int KC, int c, int tid) {
+  if (tid < STATS_TOKENS && t0 + tid < M) {
+    float m = amax_w[0][tid];
+#pragma unroll
+    for (int w = 1; w < STATS_WARPS; ++w) m = max_nan(m, amax_w[w][tid]);
+    amax_part[(size_t)(t0 + tid) * KC + c] = m;
+  }
+}
+
 // grid (KC chunks, ceil(M / 32) token tiles): the chunks of one tile run side by side
 template <typename T>
 __global__ void __launch_bounds__(STATS_THREADS, STATS_MIN_BLOCKS<T>)
 act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
                  const T* __restrict__ down, int M, int K, int R, int chunk,
                  float* __restrict__ amax_part, float* __restrict__ branch_part) {
-  __shared__ float part[STATS_WARPS][STATS_TOKENS][STATS_RCHUNK + 1];  // +1: banks
+  // row stride 36 = 4 mod 32 banks: the C-layout stores (rows 2tq, columns g) hit 32 banks
+  __shared__ float part[STATS_WARPS][STATS_TOKENS][STATS_RCHUNK + 4];
   __shared__ float amax_w[STATS_WARPS][STATS_TOKENS];
   // launched plainly as the layer's first kernel, so the wait returns at once; it keeps a PDL
   // launch safe. The trigger lets the next kernel of the layer start early (csrc/launch.cuh).
@@ -483,6 +506,7 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
       default: branch_loop<T, 2, NJ, true, NJ * 2>(xr, inv_smooth, dp, kb0, kend, step, K, tq, amax, am, acc); break;
     }
     if (ntiles) {
+      if (pass == 0) amax_to_shared(am, amax_w[warp], g, tq);
       // C layout: acc[NJ * rt + j][2h + e] = (rank 16rt + g + 8h, token 8j + 2tq + e)
 #pragma unroll
       for (int rt = 0; rt < STATS_RCHUNK / 16; ++rt)
@@ -491,31 +515,28 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
 #pragma unroll
           for (int e = 0; e < 4; ++e)
             part[warp][8 * j + 2 * tq + (e & 1)][16 * rt + g + 8 * (e / 2)] = acc[NJ * rt + j][e];
+      // One barrier for the maxima and the sums: the grid is one wave, so every block's tail
+      // adds to the kernel's time. With one barrier instead of three, stores free of bank
+      // conflicts and the adds' loads batched, rank 32 at 4608 x 3072 takes 15.7 us, not 16.9
+      // (run 195; the same bits).
       __syncthreads();
+      if (pass == 0) amax_from_shared(amax_w, amax_part, t0, M, KC, c, tid);
+      // warp w adds up token rows w, w + 4, ...; lane = rank
       const int nr = ntiles * 8;
-      for (int i = tid; i < STATS_TOKENS * nr; i += STATS_THREADS) {
-        const int row = i / nr, r = i % nr;
-        float s = part[0][row][r];
+#pragma unroll 4
+      for (int i = 0; i < STATS_TOKENS / STATS_WARPS; ++i) {
+        const int row = STATS_WARPS * i + warp;
+        float s = part[0][row][lane];
 #pragma unroll
-        for (int w = 1; w < STATS_WARPS; ++w) s = __fadd_rn(s, part[w][row][r]);
-        if (t0 + row < M) branch_part[((size_t)(t0 + row) * KC + c) * R + r0 + r] = s;
+        for (int w = 1; w < STATS_WARPS; ++w) s = __fadd_rn(s, part[w][row][lane]);
+        if (lane < nr && t0 + row < M) branch_part[((size_t)(t0 + row) * KC + c) * R + r0 + lane] = s;
       }
-      __syncthreads();  // part is reused by the next pass
+      if (pass + 1 < npass) __syncthreads();  // part is reused by the next pass
+    } else {  // rank 0: the maxima alone
+      amax_to_shared(am, amax_w[warp], g, tq);
+      __syncthreads();
+      amax_from_shared(amax_w, amax_part, t0, M, KC, c, tid);
     }
-  }
-  // the chunk's maxima: the four lanes of a row, then the warps
-#pragma unroll
-  for (int i = 0; i < 2 * STATS_MT; ++i) {
-    am[i] = max_nan(am[i], __shfl_xor_sync(0xffffffffu, am[i], 1));
-    am[i] = max_nan(am[i], __shfl_xor_sync(0xffffffffu, am[i], 2));
-    if (tq == 0) amax_w[warp][g + 8 * i] = am[i];
-  }
-  __syncthreads();
-  if (tid < STATS_TOKENS && t0 + tid < M) {
-    float m = amax_w[0][tid];
-#pragma unroll
-    for (int w = 1; w < STATS_WARPS; ++w) m = max_nan(m, amax_w[w][tid]);
-    amax_part[(size_t)(t0 + tid) * KC + c] = m;
   }
 }
 
