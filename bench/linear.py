@@ -10,11 +10,12 @@ rank 0 and 32) run in --rounds rounds of one 100 ms window each, the rounds' ord
 Latin square (every method runs in every position and follows every other method equally
 often), and the median over the rounds is reported. On the H200 every method holds the GPU at
 its power limit, and a window's clock carries what ran before it (bench/NOTES.md, runs 180 and
-192); one round per shape in a fixed order (--rounds 1: bf16, fp8, r0, r32, the method of runs
-1-191) lets that history and one window's noise (about +-4% per ratio) into every ratio. TFLOP/s counts 2*M*N*K for every method (the branch's extra
-2*M*R*(K+N) is not counted as useful work). --dtype sets the activations', outputs' and
-branch's 16-bit type and the cuBLAS baseline's (bf16 by default, which the README's figures use);
-the tables call the baseline by that name, the JSON rows under the key "bf16" either way.
+193); one round per shape in a fixed order (--rounds 1: bf16, fp8, r0, r32, the method of runs
+1-191) lets that history and one window's noise (about +-4% per ratio) into every ratio.
+TFLOP/s counts 2*M*N*K for every method (the branch's extra 2*M*R*(K+N) is not counted as
+useful work). --dtype sets the activations', outputs' and branch's 16-bit type and the cuBLAS
+baseline's (bf16 by default, which the README's figures use); the tables call the baseline by
+that name, the JSON rows under the key "bf16" either way.
 """
 from __future__ import annotations
 
@@ -101,10 +102,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, nargs="+", default=[1024, 4608, 8192])
     p.add_argument("--rounds", type=int, default=8,
-                   help="rounds of each shape's four methods (module docstring); 1 = one fixed-order pass")
+                   help="rounds of each shape's four methods (module docstring); "
+                        "1 = one fixed-order pass")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     base = args.dtype   # the baseline's label in the tables
 

@@ -406,8 +406,9 @@ static_assert(STATS_RCHUNK == 32, "act_stats_kernel's reduction takes a pass's r
 // on 132 SMs, 0.84 on 128); at three per SM it takes 1.09 waves and the kernel ~1.45x as long
 // (run 107, 141 registers). Unbounded, ptxas gives 132 registers to fp16 on sm_90a and 134 to
 // both dtypes on sm_86 / sm_89 (three blocks per SM); bf16 on sm_90a gets 128 unbounded and a
-// bound changes its code, so it stays as measured. Bounded: 128, no spills on sm_80-89 (not
-// measured on those GPUs), 8 bytes for fp16 on sm_90a (run 111).
+// bound changes its code, so it stays as measured (8 bytes of spills since run 195's tail, 0
+// before). Bounded: 128, no spills on sm_80-89 (not measured on those GPUs) nor for fp16 on
+// sm_90a (4 bytes before run 195; run 111).
 constexpr int STATS_BLOCKS_PER_SM = 4;
 template <typename T>
 constexpr int STATS_MIN_BLOCKS =
@@ -529,7 +530,8 @@ act_stats_kernel(const T* __restrict__ x, const float* __restrict__ inv_smooth,
         float s = part[0][row][lane];
 #pragma unroll
         for (int w = 1; w < STATS_WARPS; ++w) s = __fadd_rn(s, part[w][row][lane]);
-        if (lane < nr && t0 + row < M) branch_part[((size_t)(t0 + row) * KC + c) * R + r0 + lane] = s;
+        if (lane < nr && t0 + row < M)
+          branch_part[((size_t)(t0 + row) * KC + c) * R + r0 + lane] = s;
       }
       if (pass + 1 < npass) __syncthreads();  // part is reused by the next pass
     } else {  // rank 0: the maxima alone
